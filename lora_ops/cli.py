@@ -1,0 +1,122 @@
+"""Command line: ``python -m lora_ops inspect FILE`` and ``python -m lora_ops resize IN -o OUT --rank R``.
+
+User errors print one line ``error: ...`` on stderr and exit with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import LoraError
+from .resize import METHODS, OUTPUT_DTYPES, ResizeOptions, __version__, inspect_file, resize_file
+from .sizes import format_size, parse_size
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one ``error: ...`` line."""
+
+    def error(self, message: str) -> None:
+        raise LoraError(message)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except LoraError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lora_ops", description="Change the rank of LoRA checkpoints.")
+    parser.add_argument("--version", action="version", version=f"lora-resizer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    inspect = commands.add_parser("inspect", help="describe a LoRA file: layout, ranks, spectra")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print the full report as JSON")
+    inspect.add_argument("--config", type=Path, help="PEFT adapter_config.json of the file")
+
+    resize = commands.add_parser("resize", help="write a copy of a LoRA at another rank")
+    resize.add_argument("input", type=Path)
+    resize.add_argument("-o", "--output", type=Path, required=True)
+    resize.add_argument("--rank", type=int, help="every layer gets this rank (caps --energy/--target-size)")
+    resize.add_argument("--method", choices=METHODS, default="svd")
+    resize.add_argument("--niter", type=int, default=2, help="power iterations (randomized_svd)")
+    resize.add_argument("--oversample", type=int, default=8, help="extra sketch columns (randomized_svd)")
+    resize.add_argument("--density", type=float, help="non-zero share of R (sparse_random_projection)")
+    resize.add_argument("--seed", type=int, default=0)
+    resize.add_argument("--energy", type=float, help="per layer, keep at least this share of the energy")
+    resize.add_argument("--target-size", type=_size, help="output size, e.g. 40MB")
+    resize.add_argument("--dtype", choices=tuple(OUTPUT_DTYPES), default="keep")
+    resize.add_argument("--config", type=Path, help="PEFT adapter_config.json of the input")
+    resize.add_argument("--report", type=Path, help="write the JSON report here")
+    resize.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    return parser
+
+
+def _print_inspection(report: dict) -> None:
+    print(f"{report['file']}: {report['flavour']} (layout {report['layout']}), {format_size(report['bytes'])}")
+    print(
+        f"  {report['modules']} modules, ranks {report['ranks']}, {report['dtype']}, scale from {report['scale_source']}"
+    )
+    print(f"  {'layer':<64} {'shape':>18} {'rank':>5} {'top-4 energy':>13}")
+    for layer in report["layers"]:
+        squares = [s * s for s in layer["singular_values"]]
+        share = sum(squares[:4]) / sum(squares) if sum(squares) else 1.0
+        shape = "x".join(map(str, layer["shape"]))
+        print(f"  {layer['name']:<64} {shape:>18} {layer['rank']:>5} {share:>13.4f}")
+
+
+def _resize(args: argparse.Namespace) -> None:
+    options = ResizeOptions(
+        rank=args.rank,
+        method=args.method,
+        niter=args.niter,
+        oversample=args.oversample,
+        density=args.density,
+        seed=args.seed,
+        energy=args.energy,
+        target_size=args.target_size,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    with tqdm(desc="resizing", unit="layer", file=sys.stderr, disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = resize_file(args.input, args.output, options, config=args.config, progress=progress)
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"wrote {args.output} ({format_size(report['bytes_in'])} -> {format_size(report['bytes_out'])}),"
+        f" ranks {report['rank_in']} -> {report['rank_out']}, {report['method']}:"
+        f" relative error median {report['median_error']:.4g}, worst {report['worst_error']:.4g}"
+        f" ({report['worst_layer']}), {report['seconds']:.1f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "inspect":
+            report = inspect_file(args.file, config=args.config)
+            print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)
+        else:
+            _resize(args)
+    except LoraError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        print(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0

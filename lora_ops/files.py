@@ -1,0 +1,192 @@
+"""Safe access to ``.safetensors`` files.
+
+Everything here is checked from the file's header before a single tensor byte is read: pickles are
+refused by name and by content (they are never unpickled), and a header that lies about shapes,
+offsets or sizes is refused with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import LoraError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+# safetensors dtype names and their torch dtypes (the ones lora_ops reads and writes)
+TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a file may ask for before any of its data is read (the Space's defaults)."""
+
+    header_bytes: int = 64 * 1024**2
+    tensors: int = 100_000
+    elements_per_tensor: int = 2**31
+    elements_total: int = 2**33
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the header describes it: safetensors dtype name (``"BF16"``), shape, size in bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorInfo:
+        """The entry a tensor of this torch dtype and shape gets."""
+        name = next(key for key, value in TORCH_DTYPES.items() if value == dtype)
+        return cls(name, tuple(shape), math.prod(shape) * dtype.itemsize)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header: tensors by key, the ``__metadata__`` strings, the file size in bytes."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    file_bytes: int
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraError(
+            f"{path.name} is a pickle-based checkpoint ({path.suffix}); only .safetensors files are read,"
+            " because unpickling can run arbitrary code"
+        )
+
+
+def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
+    """Read and validate the header of a safetensors file without reading tensor data."""
+    path = Path(path)
+    _refuse_pickle(path)
+    if not path.is_file():
+        raise LoraError(f"file not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise LoraError(f"{path.name} is empty")
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        # A pickle's or zip's first bytes read as a header length far beyond the file's size.
+        header_bytes = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
+        if header_bytes > size - 8 and prefix.startswith(PICKLE_MAGIC):
+            raise LoraError(f"{path.name} holds a pickled PyTorch checkpoint; it is not read (only safetensors)")
+        if len(prefix) < 8:
+            raise LoraError(f"{path.name} is not a safetensors file (only {size} bytes)")
+        if header_bytes > size - 8:
+            raise LoraError(
+                f"{path.name} is truncated or not a safetensors file: its header claims {header_bytes} bytes"
+                f" but the file has {size}"
+            )
+        if header_bytes > limits.header_bytes:
+            raise LoraError(f"{path.name}: header of {header_bytes} bytes exceeds the limit of {limits.header_bytes}")
+        raw = f.read(header_bytes)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoraError(f"{path.name} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise LoraError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LoraError(f"{path.name}: __metadata__ must map strings to strings")
+    if len(header) > limits.tensors:
+        raise LoraError(f"{path.name} has {len(header)} tensors; the limit is {limits.tensors}")
+    tensors = {key: _tensor_info(path.name, key, entry, limits) for key, entry in header.items()}
+    _check_offsets(path.name, header, size - 8 - header_bytes)
+    total = sum(math.prod(info.shape) for info in tensors.values())
+    if total > limits.elements_total:
+        raise LoraError(f"{path.name} holds {total} elements; the limit is {limits.elements_total}")
+    return Header(tensors=tensors, metadata=dict(metadata), file_bytes=size)
+
+
+def _tensor_info(file: str, key: str, entry: object, limits: Limits) -> TensorInfo:
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("shape"), list)
+        and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+        and isinstance(entry.get("data_offsets"), list)
+        and len(entry["data_offsets"]) == 2
+        and all(isinstance(o, int) and o >= 0 for o in entry["data_offsets"])
+    ):
+        raise LoraError(f"{file}: malformed header entry for tensor {key!r}")
+    dtype = entry.get("dtype")
+    if dtype not in DTYPE_BYTES:
+        raise LoraError(f"{file}: tensor {key!r} has unsupported dtype {dtype!r}")
+    shape = tuple(entry["shape"])
+    elements = math.prod(shape)
+    if elements > limits.elements_per_tensor:
+        raise LoraError(f"{file}: tensor {key!r} has {elements} elements; the limit is {limits.elements_per_tensor}")
+    begin, end = entry["data_offsets"]
+    nbytes = elements * DTYPE_BYTES[dtype]
+    if end - begin != nbytes:
+        raise LoraError(
+            f"{file}: tensor {key!r} of shape {list(shape)} and dtype {dtype} needs {nbytes} bytes"
+            f" but the header gives it {end - begin}"
+        )
+    return TensorInfo(dtype=dtype, shape=shape, nbytes=nbytes)
+
+
+def _check_offsets(file: str, header: dict, data_bytes: int) -> None:
+    position = 0
+    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, end = entry["data_offsets"]
+        if begin != position:
+            raise LoraError(f"{file}: tensor {key!r} overlaps another tensor or leaves a gap in the data")
+        if end > data_bytes:
+            raise LoraError(f"{file} is truncated: tensor {key!r} ends past the end of the file")
+        position = end
+    if position != data_bytes:
+        raise LoraError(f"{file}: {data_bytes - position} bytes of data belong to no tensor")
+
+
+@contextmanager
+def open_tensors(path: str | Path) -> Iterator:
+    """Open a validated file for reading tensor by tensor (memory-mapped, never all at once)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise LoraError(f"{Path(path).name} is not a valid safetensors file: {error}") from None
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 8 * 1024**2) -> str:
+    """Hex sha256 of a whole file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

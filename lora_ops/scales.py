@@ -1,0 +1,135 @@
+"""The scale each module of a file really has, from wherever the file's loaders read it.
+
+Priority, as the loaders apply it: a PEFT ``adapter_config.json`` (given, or lying next to the file) for
+``lora_A``/``lora_B`` files; else diffusers' ``lora_adapter_metadata`` in the safetensors metadata;
+else ``.alpha`` tensors (``scale = alpha / rank``); else 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LoraError
+from .layouts import LoraFile, LoraModule
+
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraConfigView:
+    """The LoraConfig fields that set a module's scale (``r``, ``lora_alpha``, patterns, ``use_rslora``)."""
+
+    r: int
+    lora_alpha: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    use_rslora: bool
+
+    @classmethod
+    def from_dict(cls, fields: dict, source: str) -> LoraConfigView:
+        try:
+            return cls(
+                r=int(fields["r"]),
+                lora_alpha=float(fields.get("lora_alpha", fields["r"])),
+                rank_pattern={str(k): int(v) for k, v in (fields.get("rank_pattern") or {}).items()},
+                alpha_pattern={str(k): float(v) for k, v in (fields.get("alpha_pattern") or {}).items()},
+                use_rslora=bool(fields.get("use_rslora", False)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise LoraError(f"{source} has no valid LoRA config (r, lora_alpha, rank_pattern, alpha_pattern)") from None
+
+    def scale(self, module_name: str, rank: int, source: str) -> float:
+        """Scale of one module, matching patterns the way PEFT does (``(.*\\.)?(<pattern>)$``)."""
+        config_rank = _pattern_value(self.rank_pattern, module_name, self.r)
+        if config_rank != rank:
+            raise LoraError(f"{source} gives module {module_name!r} rank {config_rank}, but the file has rank {rank}")
+        alpha = _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def load_peft_config(lora: LoraFile, config: str | Path | None) -> tuple[dict | None, Path | None]:
+    """The PEFT adapter config that applies to the file: the given one, else ``adapter_config.json`` beside it."""
+    if config is None:
+        beside = lora.path.parent / PEFT_CONFIG_NAME
+        if lora.layout.name != "diffusers" or not beside.is_file():
+            return None, None
+        config = beside
+    config = Path(config)
+    if not config.is_file():
+        raise LoraError(f"config file not found: {config}")
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoraError(f"{config.name} is not valid JSON") from None
+    if not isinstance(fields, dict) or fields.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{config.name} is not a PEFT LoRA config (peft_type {fields.get('peft_type')!r})")
+    return fields, config
+
+
+def diffusers_metadata(lora: LoraFile) -> dict | None:
+    """The parsed ``lora_adapter_metadata`` JSON (keys ``"<component>.<field>"``), if the file has it."""
+    raw = lora.header.metadata.get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        fields = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LoraError(f"{lora.path.name}: {DIFFUSERS_METADATA_KEY} is not valid JSON") from None
+    if not isinstance(fields, dict):
+        raise LoraError(f"{lora.path.name}: {DIFFUSERS_METADATA_KEY} is not a JSON object")
+    return fields
+
+
+def split_component(module_name: str) -> tuple[str, str]:
+    """``"transformer.blocks.0.attn.to_q"`` -> ``("transformer", "blocks.0.attn.to_q")``."""
+    component, _, rest = module_name.partition(".")
+    return component, rest
+
+
+def module_scales(lora: LoraFile, alphas: dict[str, float], peft_config: dict | None) -> tuple[list[float], str]:
+    """Scale of every module of ``lora`` (same order) and a short text saying where it came from.
+
+    ``alphas`` maps module names to the values of their alpha tensors.
+    """
+    if peft_config is not None:
+        view = LoraConfigView.from_dict(peft_config, PEFT_CONFIG_NAME)
+        scales = [view.scale(m.name.removeprefix(PEFT_PREFIX), m.rank, PEFT_CONFIG_NAME) for m in lora.modules]
+        return scales, "PEFT adapter_config.json"
+    metadata = diffusers_metadata(lora)
+    if metadata is not None:
+        return [_metadata_scale(lora, metadata, m, alphas) for m in lora.modules], DIFFUSERS_METADATA_KEY
+    if alphas:
+        return [_alpha_scale(lora, m, alphas.get(m.name)) for m in lora.modules], "alpha tensors"
+    return [1.0] * len(lora.modules), "none (scale 1)"
+
+
+def _metadata_scale(lora: LoraFile, metadata: dict, module: LoraModule, alphas: dict[str, float]) -> float:
+    component, name = split_component(module.name)
+    fields = {k.removeprefix(component + "."): v for k, v in metadata.items() if k.startswith(component + ".")}
+    if not fields:
+        return _alpha_scale(lora, module, alphas.get(module.name))
+    view = LoraConfigView.from_dict(fields, f"{lora.path.name} {DIFFUSERS_METADATA_KEY}")
+    return view.scale(name, module.rank, f"{lora.path.name} {DIFFUSERS_METADATA_KEY}")
+
+
+def _alpha_scale(lora: LoraFile, module: LoraModule, alpha: float | None) -> float:
+    if alpha is None:
+        return 1.0
+    if not math.isfinite(alpha):
+        raise LoraError(f"{lora.path.name}: alpha of module {module.name!r} is {alpha}")
+    if alpha == 0 and lora.layout.zero_alpha_is_rank:
+        return 1.0
+    return alpha / module.rank
