@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -126,10 +127,11 @@ def _load_factors(handle, module: LoraModule, device: str) -> tuple[Tensor, Tens
     """The module's factors as float64 matrices: ``down [r, n]`` and ``up [m, r]``; NaN/Inf refused."""
     factors = []
     for key in (module.down_key, module.up_key):
-        tensor = handle.get_tensor(key)
-        if not torch.isfinite(tensor).all():
+        tensor = handle.get_tensor(key).to(device=device, dtype=torch.float64)
+        # One float64 sum is non-finite exactly when an element is NaN or Inf (no overflow from fp16/bf16/fp32 values).
+        if not math.isfinite(tensor.sum().item()):
             raise LoraError(f"{key!r} contains NaN or Inf values")
-        factors.append(tensor.to(device=device, dtype=torch.float64))
+        factors.append(tensor)
     down, up = factors
     return down.reshape(module.rank, -1), up.reshape(up.shape[0], module.rank)
 

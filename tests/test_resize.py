@@ -4,14 +4,16 @@ import hashlib
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from peft import LoraConfig
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import lora_ops
 from lora_ops import synthetic
 from lora_ops.writer import PROVENANCE_PREFIX
-from tests.fixtures_lora import CASE_BY_NAME, read_deltas, write_case
+from tests.fixtures_lora import CASE_BY_NAME, KOHYA_METADATA, read_deltas, write_case
 
 
 def _optimum(delta, rank):
@@ -246,3 +248,24 @@ def test_inspect_reports_layout_ranks_and_spectra(layout_case):
         count = len(layer["singular_values"])
         assert layer["singular_values"] == pytest.approx(spectrum[:count].tolist(), rel=1e-6, abs=1e-9)
         assert spectrum[count:].sum() < 1e-6 * max(spectrum.sum(), 1e-30) + 1e-12
+
+
+def test_kohya_legacy_hash_matches_sd_scripts(tmp_path):
+    """sd-scripts: save the tensors with only ss_* metadata, sha256 of the 64 KiB at 1 MiB (the file must be larger)."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for index in range(3):
+        name = f"lora_unet_double_blocks_{index}_img_attn_proj"
+        tensors[f"{name}.lora_down.weight"] = torch.randn(64, 1024, generator=generator)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(1024, 64, generator=generator)
+        tensors[f"{name}.alpha"] = torch.tensor(32.0)
+    source = tmp_path / "kohya.safetensors"
+    save_file(tensors, str(source), metadata={**KOHYA_METADATA, "ss_network_dim": "64", "modelspec.title": "x"})
+    out = tmp_path / "r48.safetensors"
+    lora_ops.resize_file(source, out, lora_ops.ResizeOptions(rank=48))
+    written, metadata = load_file(str(out)), _keys(out)[1]
+    reference = safetensors.torch.save(written, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    assert len(reference) > 0x110000
+    assert metadata["sshs_legacy_hash"] == hashlib.sha256(reference[0x100000:0x110000]).hexdigest()[:8]
+    header_bytes = int.from_bytes(reference[:8], "little")
+    assert metadata["sshs_model_hash"] == hashlib.sha256(reference[8 + header_bytes :]).hexdigest()
