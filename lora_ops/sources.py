@@ -1,0 +1,131 @@
+"""LoRA files from the Hugging Face Hub: list a repo's `.safetensors` files and download one.
+
+Calls act as the visitor: `token` is the visitor's token or None. None means anonymous (`token=False` to
+huggingface_hub), so a Space never reads a private or gated repo with its owner's own token.
+Every Hub failure becomes a one-line `LoraError`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    HTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from lora_ops.errors import LoraError
+
+SUFFIX = ".safetensors"
+
+# Most specific first: the first class an exception is an instance of gives its message.
+HUB_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (OfflineModeIsEnabled, "cannot reach the Hub for {repo}: this machine is offline (HF_HUB_OFFLINE is set)"),
+    (GatedRepoError, "{repo} is gated: sign in with an account that accepted its conditions on huggingface.co"),
+    (RepositoryNotFoundError, "no Hub model repo {repo} (if it is private, sign in with an account that can read it)"),
+    (RevisionNotFoundError, "{repo} has no such revision"),
+    (EntryNotFoundError, "{repo} has no file {file}"),
+    (HfHubHTTPError, "the Hub refused the request for {repo} {file}: {detail}"),
+    (HTTPError, "cannot reach the Hub for {repo}: {detail}"),
+    (OSError, "cannot download {file} from {repo}: {detail}"),
+)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One `.safetensors` file of a Hub repo; `size` in bytes (None when the Hub does not say)."""
+
+    path: str
+    size: int | None
+
+    @property
+    def label(self) -> str:
+        return self.path if self.size is None else f"{self.path} ({_human_size(self.size)})"
+
+
+def _human_size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size:,} bytes"
+
+
+def _hub_error(exc: BaseException, repo: str, file: str = "") -> LoraError:
+    """The one-line `LoraError` for a huggingface_hub failure."""
+    detail = " ".join(str(exc).split())[:200]
+    template = next(message for kind, message in HUB_ERRORS if isinstance(exc, kind))
+    return LoraError(template.format(repo=repo, file=file, detail=detail))
+
+
+def _checked_repo_id(repo_id: str) -> str:
+    repo_id = repo_id.strip()
+    if not repo_id:
+        raise LoraError("no Hub repo given: enter an id like owner/name")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise LoraError(f"{repo_id!r} is not a valid Hub repo id (expected owner/name)") from exc
+    if "/" not in repo_id:
+        raise LoraError(f"{repo_id!r} is not a valid Hub repo id (expected owner/name)")
+    return repo_id
+
+
+def list_lora_files(repo_id: str, token: str | None = None) -> list[HubFile]:
+    """The `.safetensors` files of model repo `repo_id` (recursively), sorted by path."""
+    repo_id = _checked_repo_id(repo_id)
+    try:
+        entries = list(HfApi().list_repo_tree(repo_id, recursive=True, token=token or False))
+    except (HTTPError, OSError) as exc:
+        raise _hub_error(exc, repo_id) from exc
+    files = sorted(
+        (HubFile(entry.path, getattr(entry, "size", None)) for entry in entries if entry.path.endswith(SUFFIX)),
+        key=lambda hub_file: hub_file.path,
+    )
+    if not files:
+        raise LoraError(f"{repo_id} has no {SUFFIX} files")
+    return files
+
+
+def repo_license(repo_id: str, token: str | None = None) -> str | None:
+    """The license id in a Hub model repo's card metadata (e.g. "apache-2.0"); None when the repo has none or
+    cannot be read: the license is carried over where known, and never blocks anything."""
+    try:
+        card = HfApi().model_info(_checked_repo_id(repo_id), token=token or False).card_data
+    except (LoraError, HTTPError, OSError):
+        return None
+    license_id = getattr(card, "license", None)
+    return license_id if isinstance(license_id, str) else None
+
+
+def download_lora(
+    repo_id: str, filename: str, directory: str | Path, token: str | None = None, max_bytes: int | None = None
+) -> Path:
+    """Download `filename` of model repo `repo_id` into `directory` and return its local path.
+
+    Refuses names that are not `.safetensors` and, before downloading, files larger than `max_bytes`.
+    """
+    repo_id = _checked_repo_id(repo_id)
+    filename = filename.strip()
+    if not filename.endswith(SUFFIX):
+        raise LoraError(f"pick a {SUFFIX} file of {repo_id}, not {filename!r}")
+    try:
+        if max_bytes is not None:
+            infos = HfApi().get_paths_info(repo_id, [filename], token=token or False)
+            size = next((getattr(info, "size", None) for info in infos), None)
+            if size is None and not infos:
+                raise LoraError(f"{repo_id} has no file {filename}")
+            if size is not None and size > max_bytes:
+                raise LoraError(f"{filename} is {_human_size(size)}, over this app's {_human_size(max_bytes)} limit")
+        local = hf_hub_download(repo_id, filename, local_dir=directory, token=token or False)
+    except (HTTPError, OSError) as exc:
+        raise _hub_error(exc, repo_id, filename) from exc
+    finally:
+        shutil.rmtree(Path(directory) / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+    return Path(local)

@@ -1,0 +1,344 @@
+"""The Space over loopback HTTP: every public endpoint called through gradio_client, as users' scripts call it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+from safetensors import safe_open
+
+from tests.fixtures_app import EXAMPLE_LORA, GATED_READER_TOKEN, GATED_REPO, LICENSE, PUBLIC_REPO
+
+ROOT = Path(__file__).resolve().parent.parent
+RESIZE_PARAMETERS = ["lora_file", "method", "rank", "niter", "density", "seed", "energy"]
+PREVIEW_PARAMETERS = [
+    "original_file",
+    "resized_file",
+    "prompts",
+    "seed",
+    "steps",
+    "width",
+    "height",
+    "guidance_scale",
+]
+
+
+def _ranks(path: str | Path) -> set[int]:
+    """Ranks of every diffusers-layout pair in a file (A is [r, in], B is [out, r])."""
+    with safe_open(str(path), "pt") as handle:
+        keys = list(handle.keys())
+        down = {handle.get_slice(k).get_shape()[0] for k in keys if k.endswith("lora_A.weight")}
+        up = {handle.get_slice(k).get_shape()[1] for k in keys if k.endswith("lora_B.weight")}
+    assert down == up
+    return down
+
+
+def _leftovers(app_module) -> list[Path]:
+    """Files left in the app's per-request folders (outputs awaiting `delete_cache`, or leaks)."""
+    return sorted(p for p in (Path(app_module.demo.GRADIO_CACHE) / "lora-resizer").rglob("*") if p.is_file())
+
+
+def test_public_api_names_and_parameters(app_client):
+    endpoints = app_client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/inspect", "/resize", "/preview", "/push"} <= set(endpoints)
+    assert [p["parameter_name"] for p in endpoints["/inspect"]["parameters"]] == ["lora_file"]
+    resize = [p["parameter_name"] for p in endpoints["/resize"]["parameters"]]
+    assert resize[: len(RESIZE_PARAMETERS)] == RESIZE_PARAMETERS
+    assert {"hub_repo", "hub_file"} <= set(resize)
+    preview = [p["parameter_name"] for p in endpoints["/preview"]["parameters"]]
+    assert preview == [*PREVIEW_PARAMETERS, "include_base"]
+    push = [p["parameter_name"] for p in endpoints["/push"]["parameters"]]
+    assert push == ["resized_file", "report", "repo_id", "private", "grid_image", "metrics", "source"]
+
+
+def test_helper_events_are_private(app_url):
+    """Only the four documented endpoints answer API clients: no undocumented or unnamed ones."""
+    every = httpx.get(f"{app_url}gradio_api/info", params={"all_endpoints": "true"}).json()
+    assert set(every["named_endpoints"]) == {"/inspect", "/resize", "/preview", "/push"}
+    assert every["unnamed_endpoints"] == {}
+
+
+def test_inspect_reports_the_example_lora(app_client):
+    report = app_client.predict(handle_file(str(EXAMPLE_LORA)), api_name="/inspect")
+    assert report["sha256"] == hashlib.sha256(EXAMPLE_LORA.read_bytes()).hexdigest()
+    assert report["layout"] == "diffusers"
+    assert report["ranks"] == {"8": 20}
+    assert report["bytes"] == EXAMPLE_LORA.stat().st_size
+    assert len(report["layers"]) == 20
+    assert all(len(layer["singular_values"]) == 8 for layer in report["layers"])
+
+
+def test_resize_returns_the_file_and_its_report(app_client, app_module):
+    path, report = app_client.predict(
+        lora_file=handle_file(str(EXAMPLE_LORA)), method="svd", rank=4, api_name="/resize"
+    )
+    assert Path(path).name == "example-flux-lora-svd-rank4.safetensors"
+    assert _ranks(path) == {4}
+    assert report["rank_in"] == {"8": 20} and report["rank_out"] == {"4": 20}
+    assert report["bytes_out"] == Path(path).stat().st_size < report["bytes_in"]
+    assert report["source"]["sha256"] == hashlib.sha256(EXAMPLE_LORA.read_bytes()).hexdigest()
+    assert 0 < report["median_error"] <= report["worst_error"] < 0.1
+    leftovers = _leftovers(app_module)
+    assert leftovers and all(p.suffix == ".safetensors" and "source" not in p.parts for p in leftovers)
+    tracked = set().union(*app_module.demo.temp_file_sets)  # what `delete_cache` deletes when old enough
+    assert {str(p) for p in leftovers} <= tracked
+    assert app_module.demo.delete_cache == app_module.CACHE_CLEANING
+
+
+def test_resize_above_the_rank_upsamples_exactly(app_client):
+    path, report = app_client.predict(
+        lora_file=handle_file(str(EXAMPLE_LORA)), rank=12, dtype="fp32", api_name="/resize"
+    )
+    assert _ranks(path) == {12}
+    assert report["worst_error"] < 1e-6
+
+
+def test_resize_options_reach_the_core(app_client):
+    _, randomized = app_client.predict(
+        lora_file=handle_file(str(EXAMPLE_LORA)), method="randomized_svd", rank=3, niter=1, seed=7, api_name="/resize"
+    )
+    assert randomized["params"] == {"rank": 3, "dtype": "keep", "niter": 1, "oversample": 8, "seed": 7}
+    _, sparse = app_client.predict(
+        lora_file=handle_file(str(EXAMPLE_LORA)),
+        method="sparse_random_projection",
+        rank=3,
+        density=0.5,
+        api_name="/resize",
+    )
+    assert sparse["params"]["density"] == 0.5
+    path, dynamic = app_client.predict(
+        lora_file=handle_file(str(EXAMPLE_LORA)), rank=6, energy=0.99, api_name="/resize"
+    )
+    assert all(layer["rank_out"] <= 6 and layer["energy_retained"] >= 0.99 - 1e-3 for layer in dynamic["layers"])
+    assert _ranks(path) == {int(rank) for rank in dynamic["rank_out"]}
+
+
+def _progress(job, unit: str) -> list[tuple[int, int]]:
+    """(done, total) of every `gr.Progress` update in `unit` that reached the client, in order."""
+
+    async def updates() -> list:
+        return [update.progress_data async for update in job if getattr(update, "progress_data", None)]
+
+    return [(p.index, p.length) for batch in asyncio.run(updates()) for p in batch if p.unit == unit]
+
+
+def test_resize_progress_reaches_api_clients(app_client):
+    job = app_client.submit(lora_file=handle_file(str(EXAMPLE_LORA)), rank=2, api_name="/resize")
+    steps = _progress(job, "layers")
+    assert steps and {total for _, total in steps} == {20}
+    done = [index for index, _ in steps]
+    assert done == sorted(done) and done[0] >= 1 and done[-1] <= 20
+    assert job.result()[1]["rank_out"] == {"2": 20}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"lora_file": "not-safetensors"}, "safetensors"),
+        ({"lora_file": "example", "target_size": "forty"}, "size"),
+        ({"lora_file": "example", "rank": 4, "energy": 1.5}, "energy"),
+        ({}, "no LoRA given"),
+        ({"hub_repo": "not a repo id!", "hub_file": "x.safetensors"}, "not a valid Hub repo id"),
+        ({"hub_repo": PUBLIC_REPO}, "pick a .safetensors file"),
+    ],
+)
+def test_bad_input_gets_one_line_and_the_server_stays_healthy(app_client, app_module, tmp_path, arguments, message):
+    from gradio_client.exceptions import AppError
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a safetensors file at all")
+    files = {"not-safetensors": garbage, "example": EXAMPLE_LORA}
+    if "lora_file" in arguments:
+        arguments = {**arguments, "lora_file": handle_file(str(files[arguments["lora_file"]]))}
+    before = _leftovers(app_module)
+    with pytest.raises(AppError) as error:
+        app_client.predict(**arguments, api_name="/resize")
+    text = str(error.value)
+    assert message in text and "\n" not in text and "Traceback" not in text
+    assert _leftovers(app_module) == before
+    assert garbage.read_bytes() == b"this is not a safetensors file at all"
+    assert app_client.predict(handle_file(str(EXAMPLE_LORA)), api_name="/inspect")["ranks"] == {"8": 20}
+
+
+def test_inspect_refuses_a_file_that_is_not_a_lora(app_client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    pickled = tmp_path / "model.safetensors"
+    pickled.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    with pytest.raises(AppError) as error:
+        app_client.predict(handle_file(str(pickled)), api_name="/inspect")
+    assert "\n" not in str(error.value) and str(error.value)
+
+
+def test_resize_from_a_public_hub_repo_is_anonymous(app_client, app_module, lora_file_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_space_owner_0123456789")
+    path, report = app_client.predict(
+        hub_repo=PUBLIC_REPO, hub_file="nested/lora-copy.safetensors", rank=4, api_name="/resize"
+    )
+    assert _ranks(path) == {4}
+    assert report["source"]["file"] == "lora-copy.safetensors"
+    assert lora_file_hub.tokens and set(lora_file_hub.tokens) == {None}  # never the Space owner's token
+    assert not any("source" in p.parts for p in _leftovers(app_module))
+
+
+def test_resize_from_a_gated_repo_uses_the_visitors_token(app_url, lora_file_hub):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="gated"):
+        Client(app_url, verbose=False).predict(
+            hub_repo=GATED_REPO, hub_file="lora.safetensors", rank=4, api_name="/resize"
+        )
+    visitor = Client(app_url, verbose=False, oauth_token=GATED_READER_TOKEN)
+    path, _ = visitor.predict(hub_repo=GATED_REPO, hub_file="lora.safetensors", rank=4, api_name="/resize")
+    assert _ranks(path) == {4}
+    assert GATED_READER_TOKEN in lora_file_hub.tokens
+
+
+def test_hub_listing_finds_safetensors_files(lora_file_hub, tmp_path):
+    from lora_ops import LoraError, sources
+
+    files = sources.list_lora_files(PUBLIC_REPO)
+    assert [f.path for f in files] == ["lora.safetensors", "nested/lora-copy.safetensors"]
+    assert files[0].size == EXAMPLE_LORA.stat().st_size
+    with pytest.raises(LoraError, match="no Hub model repo nobody/missing"):
+        sources.list_lora_files("nobody/missing")
+    with pytest.raises(LoraError, match="over this app's 1,000 bytes limit"):
+        sources.download_lora(PUBLIC_REPO, "lora.safetensors", tmp_path, max_bytes=1000)
+    with pytest.raises(LoraError, match="has no file absent.safetensors"):
+        sources.download_lora(PUBLIC_REPO, "absent.safetensors", tmp_path, max_bytes=10**6)
+    path = sources.download_lora(PUBLIC_REPO, "nested/lora-copy.safetensors", tmp_path / "get", max_bytes=10**6)
+    assert path.read_bytes() == EXAMPLE_LORA.read_bytes()
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()] == [
+        Path("get/nested/lora-copy.safetensors")
+    ]
+
+
+def test_hub_license_is_carried_over_where_known(lora_file_hub):
+    from lora_ops import sources
+
+    assert sources.repo_license(PUBLIC_REPO) == LICENSE
+    assert sources.repo_license(GATED_REPO) is None
+    assert sources.repo_license(GATED_REPO, token=GATED_READER_TOKEN) == LICENSE
+    assert sources.repo_license("nobody/missing") is None
+    assert sources.repo_license("local-file.safetensors") is None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_python_app_py_serves_offline(tmp_path):
+    """The README's `python app.py`, offline and without a GPU: /inspect answers, /preview says why it cannot."""
+    from gradio_client.exceptions import AppError
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_TEMP_DIR": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    env.pop("LORA_OPS_BASE_MODEL", None)
+    server = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client(url, verbose=False)
+                break
+            except Exception:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline, "app.py did not start within 120 s"
+                time.sleep(1)
+        assert client.predict(handle_file(str(EXAMPLE_LORA)), api_name="/inspect")["modules"] == 20
+        with pytest.raises(AppError, match="preview unavailable: previews need a GPU, or LORA_OPS_BASE_MODEL"):
+            client.predict(handle_file(str(EXAMPLE_LORA)), handle_file(str(EXAMPLE_LORA)), api_name="/preview")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_preview_renders_the_grid_and_metrics(app_client, tiny_flux_base_model):
+    resized, _ = app_client.predict(lora_file=handle_file(str(EXAMPLE_LORA)), rank=2, api_name="/resize")
+    job = app_client.submit(
+        original_file=handle_file(str(EXAMPLE_LORA)),
+        resized_file=handle_file(resized),
+        prompts="How2Draw a cat\n\nHow2Draw a dog",
+        seed=3,
+        steps=2,
+        width=32,
+        height=32,
+        guidance_scale=3.5,
+        api_name="/preview",
+    )
+    denoising = _progress(job, "steps")
+    grid_path, metrics = job.result()
+    assert denoising and denoising[-1][0] <= denoising[-1][1] <= 2 * 2 * 2  # images x steps, cached ones skipped
+    with Image.open(grid_path) as grid:
+        assert grid.format == "PNG" and grid.width > grid.height / 2 * 1.5  # two columns, two rows
+    assert [entry["prompt"] for entry in metrics["prompts"]] == ["How2Draw a cat", "How2Draw a dog"]
+    assert [entry["seed"] for entry in metrics["prompts"]] == [3, 4]
+    assert 0 < metrics["overall"]["ssim"] <= 1 and metrics["overall"]["psnr_db"] > 0
+    assert (metrics["steps"], metrics["width"], metrics["height"]) == (2, 32, 32)
+
+
+def test_preview_bad_settings_get_one_line(app_client, tiny_flux_base_model):
+    from gradio_client.exceptions import AppError
+
+    for arguments, message in (({"prompts": "  \n "}, "at least one prompt"), ({"width": 40}, "multiples of 16")):
+        with pytest.raises(AppError, match=message) as error:
+            app_client.predict(
+                original_file=handle_file(str(EXAMPLE_LORA)),
+                resized_file=handle_file(str(EXAMPLE_LORA)),
+                **{"prompts": "a cat", "steps": 1, "width": 32, "height": 32, **arguments},
+                api_name="/preview",
+            )
+        assert "\n" not in str(error.value)
+
+
+def test_push_commits_once_with_the_visitors_token(app_url, hub_online):
+    from tests.fixtures_hub import SPACE_OWNER_TOKEN, VISITOR, VISITOR_TOKEN
+
+    visitor = Client(app_url, verbose=False, oauth_token=VISITOR_TOKEN)
+    resized, report = visitor.predict(lora_file=handle_file(str(EXAMPLE_LORA)), rank=4, api_name="/resize")
+    result = visitor.predict(
+        resized_file=handle_file(resized),
+        report=report,
+        private=True,
+        source="someone/how2draw-style",
+        api_name="/push",
+    )
+    assert result["repo_id"] == f"{VISITOR}/how2draw-style-rank4"
+    (commit,) = hub_online.commits
+    assert commit.token == VISITOR_TOKEN and SPACE_OWNER_TOKEN not in hub_online.tokens_seen()
+    assert hub_online.repos[result["repo_id"]].private
+    weights = [name for name in commit.files if name.endswith(".safetensors")]
+    assert len(weights) == 1 and commit.files[weights[0]] == Path(resized).read_bytes()
+    assert "someone/how2draw-style" in commit.files["README.md"].decode()
+
+
+def test_push_without_sign_in_is_refused(app_url, hub_online):
+    from gradio_client.exceptions import AppError
+
+    anonymous = Client(app_url, verbose=False)
+    resized, report = anonymous.predict(lora_file=handle_file(str(EXAMPLE_LORA)), rank=4, api_name="/resize")
+    with pytest.raises(AppError, match="not signed in"):
+        anonymous.predict(resized_file=handle_file(resized), report=report, api_name="/push")
+    assert hub_online.commits == []
