@@ -229,7 +229,7 @@ def push_lora(
     if not resized_file or not report:
         raise lora_ops.LoraError("nothing to push yet: resize a LoRA first")
     # The Space writes no PEFT config, and a path sent by an API caller must never be read from this server.
-    report = {**report, "output": {**report.get("output", {}), "config": None}}
+    report = {**hub.check_report(report), "output": {**report["output"], "config": None}}
     token, source = _token(oauth_token), source.strip()
     result = hub.push_resized(
         token,

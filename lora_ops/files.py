@@ -52,6 +52,10 @@ class Limits:
     tensors: int = 100_000
     elements_per_tensor: int = 2**31
     elements_total: int = 2**33
+    key_chars: int = 1024  # characters of one tensor name
+    rank: int = 2048  # rank of one input module
+    rank_cubes: int = 2**33  # sum over modules of rank**3: the work of the [r, r] eigen and singular value problems
+    module_bytes: int = 2 * 1024**3  # float64 working memory of one module
 
 
 DEFAULT_LIMITS = Limits()
@@ -89,6 +93,15 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
+def parse_json(text: str | bytes, refusal: str) -> object:
+    """``json.loads(text)``, or ``LoraError(refusal)`` for anything that is not plain JSON: bad syntax or
+    encoding, nesting deep enough to exhaust the stack, integers past Python's digit limit."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LoraError(refusal) from None
+
+
 def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
     """Read and validate the header of a safetensors file without reading tensor data."""
     path = Path(path)
@@ -114,10 +127,7 @@ def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
         if header_bytes > limits.header_bytes:
             raise LoraError(f"{path.name}: header of {header_bytes} bytes exceeds the limit of {limits.header_bytes}")
         raw = f.read(header_bytes)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LoraError(f"{path.name} is not a safetensors file (its header is not JSON)") from None
+    header = parse_json(raw, f"{path.name} is not a safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
         raise LoraError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -125,6 +135,12 @@ def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
         raise LoraError(f"{path.name}: __metadata__ must map strings to strings")
     if len(header) > limits.tensors:
         raise LoraError(f"{path.name} has {len(header)} tensors; the limit is {limits.tensors}")
+    long_key = next((key for key in header if len(key) > limits.key_chars), None)
+    if long_key is not None:
+        raise LoraError(
+            f"{path.name}: a tensor name of {len(long_key)} characters ({long_key[:40]!r}...) exceeds the limit of"
+            f" {limits.key_chars}"
+        )
     tensors = {key: _tensor_info(path.name, key, entry, limits) for key, entry in header.items()}
     _check_offsets(path.name, header, size - 8 - header_bytes)
     total = sum(math.prod(info.shape) for info in tensors.values())
@@ -137,14 +153,14 @@ def _tensor_info(file: str, key: str, entry: object, limits: Limits) -> TensorIn
     if not (
         isinstance(entry, dict)
         and isinstance(entry.get("shape"), list)
-        and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+        and all(type(d) is int and d >= 0 for d in entry["shape"])
         and isinstance(entry.get("data_offsets"), list)
         and len(entry["data_offsets"]) == 2
-        and all(isinstance(o, int) and o >= 0 for o in entry["data_offsets"])
+        and all(type(o) is int and o >= 0 for o in entry["data_offsets"])
     ):
         raise LoraError(f"{file}: malformed header entry for tensor {key!r}")
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise LoraError(f"{file}: tensor {key!r} has unsupported dtype {dtype!r}")
     shape = tuple(entry["shape"])
     elements = math.prod(shape)

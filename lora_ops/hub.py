@@ -96,6 +96,43 @@ class PushResult:
     files: tuple[str, ...]
 
 
+# What a push reads from `resize_file`'s report, and the JSON types it must have.
+REPORT_FIELDS = {
+    "method": str,
+    "source": Mapping,
+    "output": Mapping,
+    "rank_in": Mapping,
+    "rank_out": Mapping,
+    "bytes_in": int,
+    "bytes_out": int,
+    "median_error": (int, float),
+    "worst_error": (int, float),
+    "params": Mapping,
+}
+
+
+def _report_problem(report: object) -> str | None:
+    if not isinstance(report, Mapping):
+        return "it is not a JSON object"
+    for key, kind in REPORT_FIELDS.items():
+        if not isinstance(report.get(key, {} if key == "params" else None), kind):
+            return f"{key!r} is missing or of the wrong type"
+    if not all(isinstance(report["source"].get(key), str) for key in ("file", "sha256")):
+        return "'source' lacks its file name or sha256"
+    if not all(report[key] and all(str(rank).isdigit() for rank in report[key]) for key in ("rank_in", "rank_out")):
+        return "'rank_in' and 'rank_out' must map ranks to module counts"
+    return None
+
+
+def check_report(report: object) -> Mapping:
+    """`report` when it has everything a push reads from `resize_file`'s report; else a one-line LoraError
+    (an API caller sends the report itself, so it may be anything)."""
+    problem = _report_problem(report)
+    if problem:
+        raise LoraError(f"the report is not one /resize returned: {problem}")
+    return report
+
+
 def push_resized(
     token: str | None,
     resized_file: str | os.PathLike,
@@ -120,6 +157,7 @@ def push_resized(
     """
     if not token:
         raise LoraError("not signed in: sign in with your Hugging Face account to push")
+    check_report(report)
     resized_file = Path(resized_file)
     if not resized_file.is_file():
         raise LoraError(f"resized file not found: {resized_file.name}")

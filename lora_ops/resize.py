@@ -109,8 +109,32 @@ class _Source:
     peft_config_path: Path | None
 
 
-def _open_source(path: str | Path, config: str | Path | None, limits: Limits) -> _Source:
+def _check_work(lora: LoraFile, limits: Limits, rank_out: int) -> None:
+    """Refuse, from the header, linear algebra beyond the limits: a module's rank, the total ``sum(rank^3)`` of
+    the ``[r, r]`` eigen and singular value problems, and one module's float64 working memory
+    ``8 x (max(r, rank_out) x (out + in) + 2 r^2)`` bytes (factors, new factors, Gram matrices)."""
+    name = lora.path.name
+    worst = max(lora.modules, key=lambda m: m.rank)
+    if worst.rank > limits.rank:
+        raise LoraError(f"{name}: module {worst.name!r} has rank {worst.rank}; the limit is {limits.rank}")
+    cubes = sum(m.rank**3 for m in lora.modules)
+    if cubes > limits.rank_cubes:
+        raise LoraError(
+            f"{name}: its {len(lora.modules)} modules' ranks need too much work (sum of rank^3 {cubes:.3g},"
+            f" the limit is {limits.rank_cubes:.3g})"
+        )
+    for m in lora.modules:
+        working = 8 * (max(m.rank, rank_out) * (m.out_features + m.in_features) + 2 * m.rank**2)
+        if working > limits.module_bytes:
+            raise LoraError(
+                f"{name}: module {m.name!r} needs {working / 2**30:.1f} GiB of float64 working memory;"
+                f" the limit is {limits.module_bytes / 2**30:.1f} GiB"
+            )
+
+
+def _open_source(path: str | Path, config: str | Path | None, limits: Limits, rank_out: int = 0) -> _Source:
     lora = parse_lora(path, read_header(path, limits))
+    _check_work(lora, limits, rank_out)
     alphas: dict[str, float] = {}
     alpha_dtype = torch.float32
     with open_tensors(lora.path) as handle:
@@ -123,13 +147,17 @@ def _open_source(path: str | Path, config: str | Path | None, limits: Limits) ->
     return _Source(lora, scales, scale_source, alpha_dtype, peft_config, peft_config_path)
 
 
+def _all_finite(tensor: Tensor) -> bool:
+    """No NaN or Inf in a float64 tensor: its sum is finite exactly then (values from 16/32-bit storage cannot overflow it)."""
+    return math.isfinite(tensor.sum().item())
+
+
 def _load_factors(handle, module: LoraModule, device: str) -> tuple[Tensor, Tensor]:
     """The module's factors as float64 matrices: ``down [r, n]`` and ``up [m, r]``; NaN/Inf refused."""
     factors = []
     for key in (module.down_key, module.up_key):
         tensor = handle.get_tensor(key).to(device=device, dtype=torch.float64)
-        # One float64 sum is non-finite exactly when an element is NaN or Inf (no overflow from fp16/bf16/fp32 values).
-        if not math.isfinite(tensor.sum().item()):
+        if not _all_finite(tensor):
             raise LoraError(f"{key!r} contains NaN or Inf values")
         factors.append(tensor)
     down, up = factors
@@ -275,7 +303,7 @@ def resize_file(
     src, dst = Path(src), Path(dst)
     if options.device == "cuda" and not torch.cuda.is_available():
         raise LoraError("--device cuda was asked for, but no CUDA device is available")
-    source = _open_source(src, config, limits)
+    source = _open_source(src, config, limits, options.rank or MAX_RANK)
     _check_destination(src, dst, source.peft_config_path)
     lora = source.lora
     ranks = _choose_ranks(source, options)
@@ -347,7 +375,12 @@ def _resize_module(
     new_down, new_up = resize_factors(down, up, fold, rank, options, _generator(options.seed, module.name), thin)
     stored_down = new_down.to(_out_dtype(options, module.down_dtype))
     stored_up = new_up.to(_out_dtype(options, module.up_dtype))
-    error = linalg.relative_error(down, up, fold, stored_down.double(), stored_up.double(), thin.norm)
+    written_down, written_up = stored_down.double(), stored_up.double()
+    if not (_all_finite(written_down) and _all_finite(written_up)):
+        raise LoraError(
+            f"module {module.name!r}: the resized factors overflow {stored_up.dtype}; choose a wider output dtype"
+        )
+    error = linalg.relative_error(down, up, fold, written_down, written_up, thin.norm)
     row = {
         "name": module.name,
         "shape": module.delta_shape,

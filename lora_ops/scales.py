@@ -7,18 +7,23 @@ else ``.alpha`` tensors (``scale = alpha / rank``); else 1.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LoraError
+from .files import parse_json
 from .layouts import LoraFile, LoraModule
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+# rank_pattern / alpha_pattern keys read: module names as PEFT and diffusers write them. Each is matched as a
+# regular expression, so anything richer (groups, quantifiers) could backtrack exponentially: refused.
+MODULE_PATTERN = re.compile(r"\^?[\w.\-:]{1,512}")
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+# Largest |scale| (alpha / rank) accepted; real files stay within 0.01-100. Beyond it float64 products can overflow.
+MAX_SCALE = 1e6
 
 
 @dataclass(frozen=True)
@@ -34,15 +39,21 @@ class LoraConfigView:
     @classmethod
     def from_dict(cls, fields: dict, source: str) -> LoraConfigView:
         try:
-            return cls(
+            view = cls(
                 r=int(fields["r"]),
                 lora_alpha=float(fields.get("lora_alpha", fields["r"])),
                 rank_pattern={str(k): int(v) for k, v in (fields.get("rank_pattern") or {}).items()},
                 alpha_pattern={str(k): float(v) for k, v in (fields.get("alpha_pattern") or {}).items()},
                 use_rslora=bool(fields.get("use_rslora", False)),
             )
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise LoraError(f"{source} has no valid LoRA config (r, lora_alpha, rank_pattern, alpha_pattern)") from None
+        odd = next((p for p in (*view.rank_pattern, *view.alpha_pattern) if not MODULE_PATTERN.fullmatch(p)), None)
+        if odd is not None:
+            raise LoraError(
+                f"{source}: pattern {odd[:80]!r} is not a module name; only names (optionally starting with ^) are read"
+            )
+        return view
 
     def scale(self, module_name: str, rank: int, source: str) -> float:
         """Scale of one module, matching patterns the way PEFT does (``(.*\\.)?(<pattern>)$``)."""
@@ -70,10 +81,7 @@ def load_peft_config(lora: LoraFile, config: str | Path | None) -> tuple[dict | 
     config = Path(config)
     if not config.is_file():
         raise LoraError(f"config file not found: {config}")
-    try:
-        fields = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LoraError(f"{config.name} is not valid JSON") from None
+    fields = parse_json(config.read_bytes(), f"{config.name} is not valid JSON")
     if not isinstance(fields, dict) or fields.get("peft_type", "LORA") != "LORA":
         raise LoraError(f"{config.name} is not a PEFT LoRA config (peft_type {fields.get('peft_type')!r})")
     return fields, config
@@ -84,10 +92,7 @@ def diffusers_metadata(lora: LoraFile) -> dict | None:
     raw = lora.header.metadata.get(DIFFUSERS_METADATA_KEY)
     if not raw:
         return None
-    try:
-        fields = json.loads(raw)
-    except json.JSONDecodeError:
-        raise LoraError(f"{lora.path.name}: {DIFFUSERS_METADATA_KEY} is not valid JSON") from None
+    fields = parse_json(raw, f"{lora.path.name}: {DIFFUSERS_METADATA_KEY} is not valid JSON")
     if not isinstance(fields, dict):
         raise LoraError(f"{lora.path.name}: {DIFFUSERS_METADATA_KEY} is not a JSON object")
     return fields
@@ -104,6 +109,14 @@ def module_scales(lora: LoraFile, alphas: dict[str, float], peft_config: dict | 
 
     ``alphas`` maps module names to the values of their alpha tensors.
     """
+    scales, source = _scales(lora, alphas, peft_config)
+    for module, scale in zip(lora.modules, scales):
+        if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
+            raise LoraError(f"{lora.path.name}: module {module.name!r} has scale {scale:g} ({source}); refused")
+    return scales, source
+
+
+def _scales(lora: LoraFile, alphas: dict[str, float], peft_config: dict | None) -> tuple[list[float], str]:
     if peft_config is not None:
         view = LoraConfigView.from_dict(peft_config, PEFT_CONFIG_NAME)
         scales = [view.scale(m.name.removeprefix(PEFT_PREFIX), m.rank, PEFT_CONFIG_NAME) for m in lora.modules]
