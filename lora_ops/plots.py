@@ -311,24 +311,16 @@ def _draw_result(axes, result: dict) -> None:
     rank = float(np.median(out_ranks)) if out_ranks else 0.0
     label = result["method"]
     axes.set_ylim(0, max(axes.get_ylim()[1], result["worst_error"] * 1.08))
-    axes.scatter(
-        [rank],
-        [result["worst_error"]],
-        marker="x",
-        color="tab:purple",
-        s=70,
-        zorder=5,
-        label=f"{label} worst",
-    )
-    axes.scatter(
-        [rank],
-        [result["median_error"]],
-        marker="o",
-        color="tab:purple",
-        s=40,
-        zorder=5,
-        label=f"{label} median",
-    )
+    for statistic, marker, size in (("worst", "x", 70), ("median", "o", 40)):
+        axes.scatter(
+            [rank],
+            [result[f"{statistic}_error"]],
+            marker=marker,
+            color="tab:purple",
+            s=size,
+            zorder=5,
+            label=f"{label} {statistic}",
+        )
 
 
 def _rounded(value: float, digits: int = 6) -> float:
