@@ -520,4 +520,7 @@ def build_app() -> gr.Blocks:
 demo = build_app()
 
 if __name__ == "__main__":
+    # Resizes run side by side (CPU_CONCURRENCY) on a Space's few vCPUs and each layer's work is small:
+    # one BLAS thread per request beats threads fighting over the cores.
+    torch.set_num_threads(1)
     demo.launch(**LAUNCH_OPTIONS)

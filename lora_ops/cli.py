@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .errors import LoraError
@@ -106,6 +107,9 @@ def _resize(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
+    # Per layer the work is small (r x r eigenproblems, thin products): more BLAS threads cost more in
+    # synchronisation than they gain, and the second core is left to hashing the input and to I/O.
+    torch.set_num_threads(1)
     try:
         args = _parser().parse_args(argv)
         if args.command == "inspect":
