@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import lora_ops
+from lora_ops import synthetic
 from lora_ops.cli import main
 from tests.bad_inputs import BAD_INPUTS, write_bad_input
 from tests.fixtures_lora import CASE_BY_NAME, write_case
@@ -90,3 +91,19 @@ def test_cli_refuses_bad_arguments(argv, fragment, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and fragment in err and len(err.splitlines()) == 1
     assert _digest(fixture.path) == before and not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_stops_quietly_when_its_reader_goes_away(tmp_path):
+    """`python -m lora_ops inspect FILE --json | head`: no error line, no traceback."""
+    path = tmp_path / "wide.safetensors"
+    synthetic.save_lora(synthetic.make_lora(synthetic.flux_shapes(num_double=4, num_single=8, hidden=64), 32), path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lora_ops", "inspect", str(path), "--json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout.read(100).startswith(b"{")
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait() == 1 and stderr == b""
