@@ -1,6 +1,7 @@
 """Command line: ``python -m lora_ops inspect FILE`` and ``python -m lora_ops resize IN -o OUT --rank R``.
 
 User errors print one line ``error: ...`` on stderr and exit with status 2; nothing is written.
+torch is imported only once the arguments are read and the input's hashing has started (see :func:`main`).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from . import __version__
+from .digest import hash_ahead
 from .errors import LoraError
-from .resize import METHODS, OUTPUT_DTYPES, ResizeOptions, __version__, inspect_file, resize_file
+from .options import METHODS, OUTPUT_DTYPE_NAMES, ResizeOptions
 from .sizes import format_size, parse_size
 
 EXIT_USER_ERROR = 2
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     resize.add_argument("--seed", type=int, default=0)
     resize.add_argument("--energy", type=float, help="per layer, keep at least this share of the energy")
     resize.add_argument("--target-size", type=_size, help="output size, e.g. 40MB")
-    resize.add_argument("--dtype", choices=tuple(OUTPUT_DTYPES), default="keep")
+    resize.add_argument("--dtype", choices=OUTPUT_DTYPE_NAMES, default="keep")
     resize.add_argument("--config", type=Path, help="PEFT adapter_config.json of the input")
     resize.add_argument("--report", type=Path, help="write the JSON report here")
     resize.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -77,6 +79,8 @@ def _print_inspection(report: dict) -> None:
 
 
 def _resize(args: argparse.Namespace) -> None:
+    from .resize import resize_file
+
     options = ResizeOptions(
         rank=args.rank,
         method=args.method,
@@ -108,11 +112,18 @@ def _resize(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
-    # Per layer the work is small (r x r eigenproblems, thin products): more BLAS threads cost more in
-    # synchronisation than they gain, and the second core is left to hashing the input and to I/O.
-    torch.set_num_threads(1)
     try:
         args = _parser().parse_args(argv)
+        if args.command == "resize":
+            # The output's provenance holds the input's sha256: hash it on the second core while torch loads.
+            hash_ahead(args.input)
+        import torch
+
+        from .resize import inspect_file
+
+        # Per layer the work is small (r x r eigenproblems, thin products): several batches of layers on
+        # one BLAS thread each use the cores better than one batch on several (see resize._workers).
+        torch.set_num_threads(1)
         if args.command == "inspect":
             report = inspect_file(args.file, config=args.config)
             print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)

@@ -7,9 +7,10 @@ offsets or sizes is refused with a one-line message.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import mmap
+import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import LoraError
 
@@ -42,6 +42,7 @@ TORCH_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -72,17 +73,18 @@ class TensorInfo:
     @classmethod
     def of(cls, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorInfo:
         """The entry a tensor of this torch dtype and shape gets."""
-        name = next(key for key, value in TORCH_DTYPES.items() if value == dtype)
-        return cls(name, tuple(shape), math.prod(shape) * dtype.itemsize)
+        return cls(DTYPE_NAMES[dtype], tuple(shape), math.prod(shape) * dtype.itemsize)
 
 
 @dataclass(frozen=True)
 class Header:
-    """A validated safetensors header: tensors by key, the ``__metadata__`` strings, the file size in bytes."""
+    """A validated safetensors header: tensors by key, the ``__metadata__`` strings, the file size in bytes and
+    where each tensor's bytes begin in the file."""
 
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     file_bytes: int
+    offsets: dict[str, int]
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -146,7 +148,9 @@ def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
     total = sum(math.prod(info.shape) for info in tensors.values())
     if total > limits.elements_total:
         raise LoraError(f"{path.name} holds {total} elements; the limit is {limits.elements_total}")
-    return Header(tensors=tensors, metadata=dict(metadata), file_bytes=size)
+    start = 8 + header_bytes
+    offsets = {key: start + entry["data_offsets"][0] for key, entry in header.items()}
+    return Header(tensors=tensors, metadata=dict(metadata), file_bytes=size, offsets=offsets)
 
 
 def _tensor_info(file: str, key: str, entry: object, limits: Limits) -> TensorInfo:
@@ -189,20 +193,40 @@ def _check_offsets(file: str, header: dict, data_bytes: int) -> None:
         raise LoraError(f"{file}: {data_bytes - position} bytes of data belong to no tensor")
 
 
+class TensorReader:
+    """The tensors of a file whose header :func:`read_header` validated, read from a memory map.
+
+    ``get_tensor`` returns a view of the file's bytes (no copy; the caller converts or copies it, outside
+    the GIL): this is what ``safetensors.safe_open`` does, minus its copy of every tensor. The map is
+    private (copy-on-write: the file can never be changed through it) and stays open while any tensor
+    read from it is alive.
+    """
+
+    def __init__(self, path: Path, header: Header) -> None:
+        self._header = header
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != header.file_bytes:
+                raise LoraError(f"{path.name} changed while it was being read")
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else bytearray()
+
+    def keys(self) -> list[str]:
+        return list(self._header.tensors)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, a view of the file's bytes."""
+        info, start = self._header.tensors[key], self._header.offsets[key]
+        dtype = TORCH_DTYPES[info.dtype]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        if start % dtype.itemsize:  # misaligned in the file: copy into an aligned buffer
+            data = bytearray(self._map[start : start + info.nbytes])
+            return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=info.nbytes // dtype.itemsize, offset=start)
+        return flat.reshape(info.shape)
+
+
 @contextmanager
-def open_tensors(path: str | Path) -> Iterator:
-    """Open a validated file for reading tensor by tensor (memory-mapped, never all at once)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            yield handle
-    except SafetensorError as error:
-        raise LoraError(f"{Path(path).name} is not a valid safetensors file: {error}") from None
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 8 * 1024**2) -> str:
-    """Hex sha256 of a whole file, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def open_tensors(path: str | Path, header: Header) -> Iterator[TensorReader]:
+    """Open a file whose ``header`` was validated, for reading tensor by tensor (never all at once)."""
+    yield TensorReader(Path(path), header)

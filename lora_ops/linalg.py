@@ -1,12 +1,23 @@
-"""Rank changes of a LoRA delta ``D = scale * up @ down``, computed from the factors alone.
+"""Rank changes of LoRA deltas ``D = scale * up @ down``, computed from the factors alone, many layers at once.
 
-Shapes: ``down`` (A) is ``[r, n]``, ``up`` (B) is ``[m, r]``; the dense ``[m, n]`` delta is never formed.
-Every function returns new factors ``(down' [k, n], up' [m, k])`` with the scale folded in, so that
-``up' @ down'`` approximates (or, for :func:`extend`, equals) ``D``. Use float64 inputs.
+Shapes: ``down`` (A) is ``[..., r, n]``, ``up`` (B) is ``[..., m, r]``, ``scale`` is ``[...]``: the leading
+dimensions hold a batch of layers of one shape, so that one call does the work of many (the per-call
+overhead of small matrix problems dominates otherwise). The dense ``[m, n]`` delta is never formed.
+
+The only work on the tall factors is a few matrix products: the ``[r, r]`` Gram matrices, made once by
+:meth:`Factors.of`, then the new factors and the error terms. Every method (:func:`svd`,
+:func:`randomized_svd`, :func:`random_projection`, :func:`sparse_random_projection`) is solved on the
+Gram matrices in float64 and returns a :class:`RankMap`: ``down' = down_map @ down``, ``up' = up @ up_map``,
+with the scale folded in.
+
+Precision: the products on the tall factors run in the factors' dtype, float32 for 16-bit storage (whose
+values float32 holds exactly) and float64 otherwise; everything ``[r, r]`` runs in float64. A float32 Gram
+matrix is exact to about 1e-7 of its largest entry, so directions of a factor below ``sqrt(GRAM_RTOL)`` of its
+largest singular value are numerical zeros there (3e-3 for float32, 1e-6 for float64).
 
 How the factors share the singular values is a fixed choice: the SVD-based methods put ``sqrt(S)`` on
 both sides (balanced factors, the same magnitude in A and B, which suits further fine-tuning and
-low-precision storage); the projections and the extension keep A's row scale and fold ``scale`` into B.
+low-precision storage); the projections keep A's row scale and fold ``scale`` into B.
 """
 
 from __future__ import annotations
@@ -17,103 +28,226 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Gram eigenvalues below this share of the largest are numerical zeros (singular values below 1e-6 of the largest).
-GRAM_RTOL = 1e-12
+# Gram eigenvalues below this share of the largest are numerical zeros, by the dtype of the tall products.
+GRAM_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A batch of deltas ``D = scale * up @ down`` with the Gram matrices of their factors.
+
+    ``down [..., r, n]`` and ``up [..., m, r]`` share one floating dtype; ``scale [...]``, ``gram_down =
+    down @ down^T`` and ``gram_up = up^T @ up`` (``[..., r, r]``) are float64.
+    """
+
+    down: Tensor
+    up: Tensor
+    scale: Tensor
+    gram_down: Tensor
+    gram_up: Tensor
+
+    @classmethod
+    def of(cls, down: Tensor, up: Tensor, scale: Tensor | float) -> Factors:
+        """Wrap ``down [..., r, n]``, ``up [..., m, r]`` and ``scale`` (``[...]`` or one number) with their Grams."""
+        scale = torch.as_tensor(scale, dtype=torch.float64, device=down.device).expand(down.shape[:-2])
+        return cls(down, up, scale, (down @ down.mT).double(), (up.mT @ up).double())
+
+    @property
+    def rank(self) -> int:
+        """``r``, the rank of the factors."""
+        return self.down.shape[-2]
+
+    @property
+    def rtol(self) -> float:
+        return GRAM_RTOL[self.down.dtype]
+
+    def finite(self) -> Tensor:
+        """``[...]`` bool: both Gram diagonals (sums of squares of B's columns and A's rows) are finite, which
+        they are exactly when the factors are, unless a float32 product overflowed (values above ~1e19)."""
+        traces = self.gram_down.diagonal(dim1=-2, dim2=-1).sum(-1) + self.gram_up.diagonal(dim1=-2, dim2=-1).sum(-1)
+        return traces.isfinite()
+
+
+def _scaled(scale: Tensor) -> Tensor:
+    """``scale [...]`` as ``[..., 1, 1]``, to multiply matrices."""
+    return scale[..., None, None]
+
+
+@dataclass(frozen=True)
+class RankMap:
+    """New factors as transforms of the old: ``down' = down_map @ down`` ``[..., k, n]``, ``up' = up @ up_map``.
+
+    ``down_map [..., k, r]`` and ``up_map [..., r, k]`` are float64. ``kept``: the factors stay as they are
+    (the maps are the identity and ``scale`` times it), so they are passed through rather than multiplied.
+    """
+
+    down_map: Tensor
+    up_map: Tensor
+    kept: bool = False
+
+    @classmethod
+    def keep(cls, factors: Factors) -> RankMap:
+        """The same factors, the scale folded into ``up``."""
+        eye = torch.eye(factors.rank, dtype=torch.float64, device=factors.scale.device)
+        return cls(eye.expand(*factors.scale.shape, -1, -1), _scaled(factors.scale) * eye, kept=True)
+
+    @property
+    def rank(self) -> int:
+        """``k``, the rank of the new factors."""
+        return self.down_map.shape[-2]
+
+    def apply(self, factors: Factors) -> tuple[Tensor, Tensor]:
+        """``(down' [..., k, n], up' [..., m, k])`` in the factors' dtype (kept factors are returned as they are)."""
+        dtype = factors.down.dtype
+        if self.kept:
+            unscaled = bool((factors.scale == 1).all())
+            return factors.down, factors.up if unscaled else _scaled(factors.scale).to(dtype) * factors.up
+        return self.down_map.to(dtype) @ factors.down, factors.up @ self.up_map.to(dtype)
+
+
+def _basis(gram: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Eigenvectors ``[..., r, r]`` of PSD matrices, largest eigenvalue first, with the square roots of the
+    eigenvalues and their inverses ``[..., r]``; both are 0 for numerical zeros (below ``rtol`` of the largest)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues, eigenvectors = eigenvalues.flip(-1), eigenvectors.flip(-1)
+    keep = eigenvalues > rtol * eigenvalues[..., :1].clamp(min=0)
+    keep &= eigenvalues[..., :1] > 0
+    roots = eigenvalues.clamp(min=0).sqrt() * keep
+    return eigenvectors, roots, torch.where(keep, roots.reciprocal(), 0.0)
 
 
 @dataclass(frozen=True)
 class FactorSVD:
-    """Thin SVD of ``D = scale * up @ down`` kept relative to the factors.
+    """Thin SVDs of a batch of deltas, kept relative to the factors.
 
-    ``D = (up @ left) @ diag(s) @ (right @ down)`` where ``up @ left`` ``[m, q]`` has orthonormal columns,
-    ``right @ down`` ``[q, n]`` has orthonormal rows, ``s [q]`` is descending and ``q <= r`` is the
-    numerical rank (0 for an all-zero delta). ``left`` is ``[r, q]`` and ``right`` is ``[q, r]``: every
-    result is a small ``[r, k]`` transform of the input factors, so nothing ``[m, n]`` is ever formed.
+    ``D = (up @ left) @ diag(s) @ (right @ down)`` where ``s [..., r]`` is descending and zero beyond the
+    numerical rank ``q`` (0 for an all-zero delta); the first ``q`` columns of ``up @ left`` are orthonormal,
+    as are the first ``q`` rows of ``right @ down``, and the rest are zero. ``left`` and ``right`` are
+    ``[..., r, r]`` float64.
     """
 
     s: Tensor
     left: Tensor
     right: Tensor
 
+    @classmethod
+    def of(cls, factors: Factors) -> FactorSVD:
+        """From the Gram matrices: with ``up^T up = Vb diag(b^2) Vb^T``, ``D = (up Vb / b) K`` where the first
+        factor is orthonormal and ``K = scale diag(b) Vb^T down``; the eigenvectors ``U`` and eigenvalues ``s^2``
+        of ``K K^T = scale^2 diag(b) Vb^T gram_down Vb diag(b)`` give ``left = Vb U / b``, ``right = U^T K / s``."""
+        vb, b, b_inverse = _basis(factors.gram_up, factors.rtol)
+        core = _scaled(factors.scale) * b[..., :, None] * vb.mT
+        u, s, s_inverse = _basis(core @ factors.gram_down @ core.mT, factors.rtol)
+        return cls(s=s, left=vb @ (u * b_inverse[..., :, None]), right=(u.mT * s_inverse[..., :, None]) @ core)
+
     @property
-    def norm(self) -> float:
-        """Frobenius norm of ``D``."""
-        return torch.linalg.vector_norm(self.s).item()
+    def norm(self) -> Tensor:
+        """``[...]``: Frobenius norms of the deltas."""
+        return torch.linalg.vector_norm(self.s, dim=-1)
 
-    def balanced_factors(self, down: Tensor, up: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-        """Best factors of rank ``min(rank, q)`` (Eckart-Young), ``sqrt(s)`` on each side: ``(down' [k, n], up' [m, k])``."""
-        root = self.s[:rank].sqrt()
-        return (root[:, None] * self.right[:rank]) @ down, up @ (self.left[:, :rank] * root)
-
-
-def _gram_basis(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvectors ``[r, q]`` and square roots of eigenvalues ``[q]`` of a PSD Gram matrix, numerical zeros dropped."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    keep = eigenvalues > GRAM_RTOL * eigenvalues[-1:].clamp(min=0)  # eigh sorts ascending; [-1:] is empty for r = 0
-    return eigenvectors[:, keep], eigenvalues[keep].sqrt()
+    @property
+    def ranks(self) -> Tensor:
+        """``[...]``: numerical ranks ``q``."""
+        return (self.s > 0).sum(-1)
 
 
-def factor_svd(down: Tensor, up: Tensor, scale: float) -> FactorSVD:
-    """Exact thin SVD of ``scale * up @ down`` from the ``[r, r]`` Gram matrices of the factors.
-
-    With ``down down^T = Va diag(a^2) Va^T`` and ``up^T up = Vb diag(b^2) Vb^T``, ``D = Qb C Qa^T`` where
-    ``Qb = up Vb / b`` and ``Qa^T = (Va / a)^T down`` are orthonormal and ``C = scale diag(b) Vb^T Va diag(a)``
-    is at most ``[r, r]``; the SVD of ``C`` gives ``D``'s. Cost: two ``[*, r]`` Gram products and ``r x r``
-    eigen/singular value problems (BLAS-3 throughout, unlike a QR of each tall factor).
-    """
-    vb, b = _gram_basis(up.T @ up)
-    va, a = _gram_basis(down @ down.T)
-    u, s, wh = torch.linalg.svd(scale * (b[:, None] * (vb.T @ va) * a), full_matrices=False)
-    return FactorSVD(s=s, left=vb @ (u / b[:, None]), right=(wh / a) @ va.T)
+def svd(thin: FactorSVD, rank: int) -> RankMap:
+    """Optimal factors of rank ``min(rank, r)`` (Eckart-Young), ``sqrt(s)`` on each side; directions beyond ``q``
+    are zero rows and columns."""
+    root = thin.s[..., :rank].sqrt()
+    return RankMap(
+        down_map=root[..., :, None] * thin.right[..., :rank, :], up_map=thin.left[..., :rank] * root[..., None, :]
+    )
 
 
-def svd(down: Tensor, up: Tensor, scale: float, rank: int) -> tuple[Tensor, Tensor]:
-    """Optimal rank-``rank`` factors of ``D`` (exact truncated SVD)."""
-    return factor_svd(down, up, scale).balanced_factors(down, up, rank)
+def _orthonormal(coefficients: Tensor, gram: Tensor, rtol: float) -> Tensor:
+    """Coefficients ``[..., r, w]`` of an orthonormal basis of the span of ``X @ coefficients``, for any ``X``
+    with Gram matrix ``gram = X^T X`` ``[..., r, r]`` (numerically dependent directions become zero columns)."""
+    vectors, _, inverse = _basis(coefficients.mT @ gram @ coefficients, rtol)
+    return coefficients @ (vectors * inverse[..., None, :])
 
 
 def randomized_svd(
-    down: Tensor, up: Tensor, scale: float, rank: int, *, niter: int, oversample: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
+    factors: Factors, rank: int, *, niter: int, oversample: int, generators: list[torch.Generator]
+) -> RankMap:
     """Rank-``rank`` factors from a randomized range finder (Halko et al. 2011) with ``niter`` power iterations.
 
-    The sketch ``Q [m, rank + oversample]`` spans an approximation of ``D``'s range; the exact SVD of
-    ``Q^T D`` (again from factors) is then truncated. With a sketch at least as wide as ``r`` it is exact.
+    The sketch ``Q = up @ X`` ``[m, w]`` (``w = rank + oversample``) spans an approximation of ``D``'s range:
+    ``Q = orth(D Omega)``, then ``niter`` times ``Q = orth(D orth(D^T Q))``, each step carried out on the
+    coefficients ``X`` ``[r, w]`` through the Gram matrices; the exact SVD of ``Q^T D`` is then truncated.
+    With a sketch at least as wide as ``r`` it is exact. One generator per delta draws its ``Omega``.
     """
-    width = min(rank + oversample, up.shape[0], down.shape[1])
-    omega = torch.randn(down.shape[1], width, generator=generator, dtype=torch.float64).to(down)
-    q, _ = torch.linalg.qr(up @ (down @ omega))
+    down, scale, rtol = factors.down, _scaled(factors.scale), factors.rtol
+    width = min(rank + oversample, factors.up.shape[-2], down.shape[-1])
+    omega = _draw(generators, lambda g: torch.randn(down.shape[-1], width, generator=g, dtype=torch.float64))
+    sketch = _orthonormal(scale * (down @ omega.to(down)).double(), factors.gram_up, rtol)
     for _ in range(niter):
-        z, _ = torch.linalg.qr(down.T @ (up.T @ q))
-        q, _ = torch.linalg.qr(up @ (down @ z))
-    projected_up = q.T @ up
-    new_down, projected_new_up = svd(down, projected_up, scale, rank)
-    return new_down, q @ projected_new_up
+        back = _orthonormal(scale * factors.gram_up @ sketch, factors.gram_down, rtol)
+        sketch = _orthonormal(scale * factors.gram_down @ back, factors.gram_up, rtol)
+    projected = scale * sketch.mT @ factors.gram_up  # Q^T D = projected @ down, [..., w, r]
+    u, s, s_inverse = _basis(projected @ factors.gram_down @ projected.mT, rtol)
+    u = u[..., :rank]
+    return RankMap(
+        down_map=(u.mT * s_inverse[..., :rank, None].sqrt()) @ projected,
+        up_map=sketch @ (u * s[..., None, :rank].sqrt()),
+    )
 
 
-def random_projection(
-    down: Tensor, up: Tensor, scale: float, rank: int, *, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
+def _draw(generators: list[torch.Generator], draw) -> Tensor:
+    """One random tensor per delta, each from its own generator (CPU), stacked ``[..., *shape]``."""
+    return torch.stack([draw(generator) for generator in generators])
+
+
+def random_projection(factors: Factors, rank: int, *, generators: list[torch.Generator]) -> RankMap:
     """Gaussian projection of the rank space: ``down' = R down``, ``up' = scale up R^T``, ``R [k, r] ~ N(0, 1/k)``.
 
     ``E[R^T R] = I``, so the delta is kept in expectation only; the error is measured, not bounded.
     """
-    projection = torch.randn(rank, down.shape[0], generator=generator, dtype=torch.float64).to(down)
-    projection /= math.sqrt(rank)
-    return projection @ down, scale * (up @ projection.T)
+    shape = (rank, factors.rank)
+    projection = _draw(generators, lambda g: torch.randn(shape, generator=g, dtype=torch.float64))
+    return _projection(factors, projection / math.sqrt(rank))
 
 
 def sparse_random_projection(
-    down: Tensor, up: Tensor, scale: float, rank: int, *, density: float | None, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
+    factors: Factors, rank: int, *, density: float | None, generators: list[torch.Generator]
+) -> RankMap:
     """Sparse projection (Li, Hastie & Church 2006): ``R [k, r]`` entries ``±1/sqrt(density k)`` with
     probability ``density / 2`` each, else 0, so ``E[R^T R] = I``. ``density`` defaults to ``1/sqrt(r)``."""
-    density = density if density is not None else 1 / math.sqrt(down.shape[0])
-    shape = (rank, down.shape[0])
-    keep = torch.rand(shape, generator=generator, dtype=torch.float64) < density
-    sign = torch.where(torch.rand(shape, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
-    projection = (keep * sign / math.sqrt(density * rank)).to(down)
-    return projection @ down, scale * (up @ projection.T)
+    density = density if density is not None else 1 / math.sqrt(factors.rank)
+    shape = (rank, factors.rank)
+
+    def draw(generator: torch.Generator) -> Tensor:
+        keep = torch.rand(shape, generator=generator, dtype=torch.float64) < density
+        sign = torch.where(torch.rand(shape, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
+        return keep * sign
+
+    return _projection(factors, _draw(generators, draw) / math.sqrt(density * rank))
+
+
+def _projection(factors: Factors, projection: Tensor) -> RankMap:
+    projection = projection.to(factors.scale.device, torch.float64)
+    return RankMap(down_map=projection, up_map=_scaled(factors.scale) * projection.mT)
+
+
+def extension_rows(down: Tensor, count: int, *, generator: torch.Generator) -> Tensor:
+    """``count`` rows ``[count, n]`` to append to one ``down [k, n]`` for an exact rank increase (with zero
+    columns in up).
+
+    They are orthonormal and orthogonal to ``down``'s row space where ``n`` allows (``n - rank(down)``
+    such rows exist); any rows beyond that are zero. Fine-tuning can continue from the result: the new
+    directions are live in A and start with zero weight in B.
+    """
+    n = down.shape[1]
+    eigenvectors, _, inverse = _basis((down @ down.T).double(), GRAM_RTOL[down.dtype])
+    basis = down.T @ (eigenvectors * inverse).to(down)
+    fresh = min(count, n - int((inverse > 0).sum()))
+    rows = torch.zeros(count, n, dtype=down.dtype, device=down.device)
+    if fresh > 0:
+        noise = torch.randn(n, fresh, generator=generator, dtype=torch.float64).to(down)
+        for _ in range(2):
+            noise -= basis @ (basis.T @ noise)
+        rows[:fresh] = _orthonormal_columns(noise).T
+    return rows
 
 
 def _orthonormal_columns(x: Tensor) -> Tensor:
@@ -124,45 +258,38 @@ def _orthonormal_columns(x: Tensor) -> Tensor:
     return x
 
 
-def extend(down: Tensor, up: Tensor, scale: float, rank: int, *, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Exact rank increase: ``down' = [down; E]``, ``up' = [scale up, 0]``, so ``up' @ down' = D``.
-
-    The new rows ``E`` are orthonormal and orthogonal to ``down``'s row space where ``n`` allows
-    (``n - rank(down)`` such rows exist); any rows beyond that are zero. Fine-tuning can continue from
-    the result: the new directions are live in A and start with zero weight in B.
-    """
-    r, n = down.shape
-    extra = rank - r
-    eigenvectors, roots = _gram_basis(down @ down.T)
-    basis = down.T @ (eigenvectors / roots)
-    fresh = min(extra, n - basis.shape[1])
-    rows = torch.zeros(extra, n, dtype=down.dtype, device=down.device)
-    if fresh > 0:
-        noise = torch.randn(n, fresh, generator=generator, dtype=torch.float64).to(down)
-        for _ in range(2):
-            noise -= basis @ (basis.T @ noise)
-        rows[:fresh] = _orthonormal_columns(noise).T
-    new_up = up if scale == 1.0 else scale * up
-    return torch.cat([down, rows]), torch.cat([new_up, torch.zeros(up.shape[0], extra).to(up)], dim=1)
-
-
-def _trace_product(x: Tensor, y: Tensor) -> float:
-    """``trace(x @ y)`` for square ``x``, ``y`` of the same size, without the product."""
-    return (x * y.T).sum().item()
+def _trace_product(x: Tensor, y: Tensor) -> Tensor:
+    """``trace(x @ y)`` ``[...]`` for ``x [..., a, b]`` and ``y [..., b, a]``, without the product."""
+    return (x * y.mT).sum((-2, -1))
 
 
 def relative_error(
-    down: Tensor, up: Tensor, scale: float, new_down: Tensor, new_up: Tensor, norm: float | None = None
-) -> float:
-    """``||scale up down - new_up new_down||_F / ||scale up down||_F``, exactly, from ``[r, k]`` Gram matrices.
+    factors: Factors, rank_map: RankMap, new: tuple[Tensor, Tensor], written: tuple[Tensor, Tensor], norm: Tensor
+) -> Tensor:
+    """``[...]``: ``||D - up_w @ down_w||_F / ||D||_F`` for the factors as stored, ``written = (down_w, up_w)``.
 
-    ``||D - D'||^2 = ||D||^2 - 2 <D, D'> + ||D'||^2`` with ``<D, D'> = scale trace((up^T new_up)(new_down down^T))``.
-    Computed in float64, errors below about 1e-8 are round-off. ``norm``: ``||D||_F`` when already known.
-    A zero delta has error 0.
+    ``new = rank_map.apply(factors)`` are the factors before rounding, ``norm = ||D||_F`` ``[...]``. With
+    ``P = up @ up_map`` and ``Q = down_map @ down``, ``D - P Q = up M down`` for ``M = scale I - up_map down_map``
+    and ``E = up_w down_w - P Q = [up_w - P, P] @ [down_w; down_w - Q]``, so
+    ``||D - up_w down_w||^2 = ||up M down||^2 - 2 <up M down, E> + ||E||^2``: three terms, each computed
+    from ``[r, r]`` and ``[*, 2k]`` products without subtracting large numbers, so a tiny error (an exact
+    upsampling) is still resolved. A zero delta has error 0; overflowed factors give inf or NaN.
     """
-    total = scale**2 * _trace_product(up.T @ up, down @ down.T) if norm is None else norm**2
-    if total == 0:
-        return 0.0
-    cross = scale * _trace_product(up.T @ new_up, new_down @ down.T)
-    new = _trace_product(new_up.T @ new_up, new_down @ new_down.T)
-    return math.sqrt(max(total - 2 * cross + new, 0.0) / total)
+    (new_down, new_up), (written_down, written_up) = new, written
+    dtype = factors.down.dtype
+    eye = torch.eye(factors.rank, dtype=torch.float64, device=norm.device)
+    mixing = _scaled(factors.scale) * eye - rank_map.up_map @ rank_map.down_map
+    error_up = written_up.to(dtype) - new_up  # [..., m, k]
+    written_down = written_down.to(dtype)
+    error_down = written_down - new_down  # [..., k, n]
+    left = torch.cat([error_up, new_up], dim=-1)  # [..., m, 2k]
+    right = torch.cat([written_down, error_down], dim=-2)  # [..., 2k, n]
+    # up^T left and right down^T; the products with P and Q come from the Gram matrices
+    error_down_down = (error_down @ factors.down.mT).double()
+    up_left = torch.cat([(factors.up.mT @ error_up).double(), factors.gram_up @ rank_map.up_map], dim=-1)
+    right_down = torch.cat([rank_map.down_map @ factors.gram_down + error_down_down, error_down_down], dim=-2)
+    residual = _trace_product(mixing.mT @ factors.gram_up @ mixing, factors.gram_down)
+    cross = _trace_product(mixing.mT, up_left @ right_down)
+    rounding = _trace_product((left.mT @ left).double(), (right @ right.mT).double())
+    squared = residual - 2 * cross + rounding
+    return torch.where(norm > 0, squared.clamp(min=0).sqrt() / norm, 0.0)

@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from lora_ops.errors import LoraError
-from lora_ops.resize import METHODS, ResizeOptions, resize_file
+from lora_ops.options import METHODS, ResizeOptions
+from lora_ops.resize import resize_file
 
 BUDGET_KINDS = ("error", "energy")
 RANK_SLIDER_CAP = 512

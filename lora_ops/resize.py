@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from . import linalg
+from . import __version__, linalg
+from .digest import file_sha256
 from .errors import LoraError
-from .files import DEFAULT_LIMITS, TORCH_DTYPES, Limits, TensorInfo, file_sha256, open_tensors, read_header
+from .files import DEFAULT_LIMITS, TORCH_DTYPES, Limits, TensorInfo, open_tensors, read_header
 from .layouts import LoraFile, LoraModule, parse_lora
+from .options import MAX_RANK, ResizeOptions
 from .ranks import energy_rank, threshold_ranks
 from .scales import PEFT_CONFIG_NAME, load_peft_config, module_scales
 from .writer import (
@@ -31,70 +36,17 @@ from .writer import (
     write_json,
 )
 
-__version__ = "0.1.0"
-
-METHODS = ("svd", "randomized_svd", "random_projection", "sparse_random_projection")
 OUTPUT_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_LABELS = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16"}
-MAX_RANK = 2048
+MAX_WORKERS = 4
+# Factor bytes (at 4 bytes per value) of one batch of same-shaped modules: small enough to stay in cache.
+BATCH_BYTES = 8 * 1024**2
 # Stands in the header for the source sha256 until its background hashing is done (same length).
 SHA256_PLACEHOLDER = "0" * 64
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class ResizeOptions:
-    """What to do to every layer.
-
-    ``rank``: every layer gets exactly this rank (reduced above it, extended exactly below it) unless
-    ``energy`` or ``target_size`` choose per-layer ranks, which ``rank`` then caps. ``energy``: keep at
-    least this share (0-1] of each layer's squared Frobenius norm. ``target_size``: output bytes, met by
-    one global singular-value threshold. ``niter``/``oversample``: randomized SVD only; ``density``: sparse
-    projection only (default ``1/sqrt(rank_in)``); ``seed``: random methods and the extension's new rows.
-    ``dtype``: ``keep`` or fp32/fp16/bf16 for the factors. ``device``: where the linear algebra runs.
-    """
-
-    rank: int | None = None
-    method: str = "svd"
-    niter: int = 2
-    oversample: int = 8
-    density: float | None = None
-    seed: int = 0
-    energy: float | None = None
-    target_size: int | None = None
-    dtype: str = "keep"
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        checks = (
-            (self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"),
-            (
-                any(v is not None for v in (self.rank, self.energy, self.target_size)),
-                "give a rank, an energy share or a target size",
-            ),
-            (self.rank is None or 1 <= self.rank <= MAX_RANK, f"rank must be between 1 and {MAX_RANK}"),
-            (0 <= self.niter <= 50, "niter must be between 0 and 50"),
-            (0 <= self.oversample <= 1024, "oversample must be between 0 and 1024"),
-            (self.density is None or 0 < self.density <= 1, "density must be in (0, 1]"),
-            (self.energy is None or 0 < self.energy <= 1, "energy must be in (0, 1]"),
-            (self.target_size is None or self.target_size > 0, "target size must be positive"),
-            (self.dtype in OUTPUT_DTYPES, f"dtype must be one of {', '.join(OUTPUT_DTYPES)}"),
-            (self.device in ("cpu", "cuda"), "device must be cpu or cuda"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise LoraError(message)
-
-    def parameters(self) -> dict:
-        """The options that shaped the result (for provenance): unset and irrelevant ones left out."""
-        relevant = {
-            "randomized_svd": ("niter", "oversample", "seed"),
-            "random_projection": ("seed",),
-            "sparse_random_projection": ("density", "seed"),
-        }.get(self.method, ())
-        chosen = ("rank", "energy", "target_size", "dtype", *relevant)
-        return {key: value for key, value in asdict(self).items() if key in chosen and value is not None}
+Job = TypeVar("Job")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -137,7 +89,7 @@ def _open_source(path: str | Path, config: str | Path | None, limits: Limits, ra
     _check_work(lora, limits, rank_out)
     alphas: dict[str, float] = {}
     alpha_dtype = torch.float32
-    with open_tensors(lora.path) as handle:
+    with open_tensors(lora.path, lora.header) as handle:
         for module in lora.modules:
             if module.alpha_key:
                 alpha = handle.get_tensor(module.alpha_key)
@@ -147,21 +99,54 @@ def _open_source(path: str | Path, config: str | Path | None, limits: Limits, ra
     return _Source(lora, scales, scale_source, alpha_dtype, peft_config, peft_config_path)
 
 
-def _all_finite(tensor: Tensor) -> bool:
-    """No NaN or Inf in a float64 tensor: its sum is finite exactly then (values from 16/32-bit storage cannot overflow it)."""
-    return math.isfinite(tensor.sum().item())
+# Storage dtypes whose values float32 holds exactly: their products on the tall factors run in float32.
+EXACT_IN_FLOAT32 = {"F16", "BF16"}
 
 
-def _load_factors(handle, module: LoraModule, device: str) -> tuple[Tensor, Tensor]:
-    """The module's factors as float64 matrices: ``down [r, n]`` and ``up [m, r]``; NaN/Inf refused."""
-    factors = []
-    for key in (module.down_key, module.up_key):
-        tensor = handle.get_tensor(key).to(device=device, dtype=torch.float64)
-        if not _all_finite(tensor):
-            raise LoraError(f"{key!r} contains NaN or Inf values")
-        factors.append(tensor)
-    down, up = factors
+def _read_pair(handle, module: LoraModule) -> tuple[Tensor, Tensor]:
+    """The module's stored factors as matrices (views of the file): ``down [r, n]`` and ``up [m, r]``."""
+    down, up = handle.get_tensor(module.down_key), handle.get_tensor(module.up_key)
     return down.reshape(module.rank, -1), up.reshape(up.shape[0], module.rank)
+
+
+def _batches(modules: tuple[LoraModule, ...], ranks: list[int]) -> list[list[int]]:
+    """Indices of modules to process together: same shape, rank, new rank and dtypes, at most ``BATCH_BYTES``
+    of float32 factors per batch; ordered by their first module."""
+    groups: dict[tuple, list[int]] = {}
+    for index, (module, rank) in enumerate(zip(modules, ranks)):
+        key = (module.out_features, module.in_features, module.rank, rank, module.down_dtype, module.up_dtype)
+        groups.setdefault(key, []).append(index)
+    batches = []
+    for indices in groups.values():
+        first = modules[indices[0]]
+        size = max(1, BATCH_BYTES // (4 * first.rank * (first.out_features + first.in_features)))
+        batches += [indices[start : start + size] for start in range(0, len(indices), size)]
+    return sorted(batches)
+
+
+def _factors(
+    modules: list[LoraModule], stored: list[tuple[Tensor, Tensor]], scales: list[float], device: str
+) -> linalg.Factors:
+    """A batch of modules' :func:`_read_pair` factors, stacked ``[B, r, n]`` and ``[B, m, r]``, with their Gram
+    matrices; NaN/Inf refused.
+
+    16-bit factors are copied to float32, others to float64; float64 is the fallback when a float32 Gram
+    matrix overflows (values above about 1e19)."""
+    exact = all({m.down_dtype, m.up_dtype} <= EXACT_IN_FLOAT32 for m in modules)
+    (down, up), count = stored[0], len(stored)
+    for dtype in (torch.float32, torch.float64) if exact else (torch.float64,):
+        downs = torch.empty((count, *down.shape), dtype=dtype, device=device)
+        ups = torch.empty((count, *up.shape), dtype=dtype, device=device)
+        for index, (down, up) in enumerate(stored):
+            downs[index].copy_(down)
+            ups[index].copy_(up)
+        factors = linalg.Factors.of(downs, ups, torch.tensor(scales, dtype=torch.float64, device=device))
+        finite = factors.finite().tolist()
+        if all(finite):
+            return factors
+    module, (down, up) = next((m, pair) for m, pair, ok in zip(modules, stored, finite) if not ok)
+    bad = [key for key, tensor in zip((module.down_key, module.up_key), (down, up)) if not tensor.isfinite().all()]
+    raise LoraError(f"{bad[0]!r} contains NaN or Inf values" if bad else f"module {module.name!r}: values too large")
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -170,48 +155,73 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-# method -> (down, up, scale, rank, options, generator, exact thin SVD of the delta) -> (down', up')
+# method -> (factors, exact thin SVDs, rank, options, one generator per delta) -> new factors as a RankMap
 REDUCERS = {
-    "svd": lambda down, up, scale, rank, options, generator, thin: thin.balanced_factors(down, up, rank),
-    "randomized_svd": lambda down, up, scale, rank, options, generator, thin: linalg.randomized_svd(
-        down, up, scale, rank, niter=options.niter, oversample=options.oversample, generator=generator
+    "svd": lambda factors, thin, rank, options, generators: linalg.svd(thin, rank),
+    "randomized_svd": lambda factors, thin, rank, options, generators: linalg.randomized_svd(
+        factors, rank, niter=options.niter, oversample=options.oversample, generators=generators
     ),
-    "random_projection": lambda down, up, scale, rank, options, generator, thin: linalg.random_projection(
-        down, up, scale, rank, generator=generator
+    "random_projection": lambda factors, thin, rank, options, generators: linalg.random_projection(
+        factors, rank, generators=generators
     ),
-    "sparse_random_projection": lambda down, up, scale, rank, options, generator, thin: linalg.sparse_random_projection(
-        down, up, scale, rank, density=options.density, generator=generator
+    "sparse_random_projection": lambda factors, thin, rank, options, generators: linalg.sparse_random_projection(
+        factors, rank, density=options.density, generators=generators
     ),
 }
 
 
 def resize_factors(
-    down: Tensor,
-    up: Tensor,
-    scale: float,
+    factors: linalg.Factors,
+    thin: linalg.FactorSVD,
     rank: int,
     options: ResizeOptions,
-    generator: torch.Generator,
-    thin: linalg.FactorSVD,
-) -> tuple[Tensor, Tensor]:
-    """New factors ``(down' [rank, n], up' [m, rank])`` of ``scale * up @ down``: reduced by ``options.method``
-    when ``rank < r``, else extended exactly; a reduction that yields fewer than ``rank`` directions
-    (``rank > min(m, n)``) is extended to exactly ``rank``. ``thin`` is :func:`linalg.factor_svd` of the delta."""
-    if rank >= down.shape[0]:
-        return linalg.extend(down, up, scale, rank, generator=generator)
-    new_down, new_up = REDUCERS[options.method](down, up, scale, rank, options, generator, thin)
-    if new_down.shape[0] < rank:
-        return linalg.extend(new_down, new_up, 1.0, rank, generator=generator)
-    return new_down, new_up
+    generators: list[torch.Generator],
+    dtypes: tuple[torch.dtype, torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """New factors ``down' [B, rank, n]`` and ``up' [B, m, rank]`` of a batch of deltas, in the storage
+    ``dtypes`` (down's, up's), and the relative errors ``[B]`` of the deltas they store.
+
+    Reduced by ``options.method`` when ``rank < r``, else kept; directions a reduction leaves empty
+    (beyond the numerical rank, ``rank > min(m, n)``) and those an increase adds get rows from
+    :func:`linalg.extension_rows` and zero columns in up, so every delta has exactly ``rank``.
+    ``thin`` is :meth:`linalg.FactorSVD.of` the factors. An error is inf or NaN when the new factors
+    overflow ``dtypes``.
+    """
+    if rank >= factors.rank:
+        rank_map = linalg.RankMap.keep(factors)
+    else:
+        rank_map = REDUCERS[options.method](factors, thin, rank, options, generators)
+    new_down, new_up = new = rank_map.apply(factors)
+    down, up = new_down.to(dtypes[0]), new_up.to(dtypes[1])
+    errors = linalg.relative_error(factors, rank_map, new, (down, up), thin.norm)
+    extra, kept = rank - rank_map.rank, rank_map.rank
+    down = torch.cat([down, down.new_zeros(*down.shape[:-2], extra, down.shape[-1])], dim=-2)
+    up = torch.cat([up, up.new_zeros(*up.shape[:-1], extra)], dim=-1)
+    empty = torch.cat([(rank_map.down_map == 0).all(-1).cpu(), torch.ones(len(generators), extra, dtype=torch.bool)], 1)
+    for index in empty.any(-1).nonzero().flatten().tolist():
+        live = new_down[index][~empty[index, :kept]]
+        rows = linalg.extension_rows(live, int(empty[index].sum()), generator=generators[index])
+        down[index, empty[index]] = rows.to(dtypes[0])
+    return down, up, errors
 
 
 def _spectra(source: _Source, device: str) -> list[Tensor]:
     """Singular values of every module's effective delta (descending, float64, on the CPU)."""
-    spectra = []
-    with open_tensors(source.lora.path) as handle:
-        for module, scale in zip(source.lora.modules, source.scales):
-            down, up = _load_factors(handle, module, device)
-            spectra.append(linalg.factor_svd(down, up, scale).s.cpu())
+    modules = source.lora.modules
+    spectra: list[Tensor] = [torch.empty(0)] * len(modules)
+    with open_tensors(source.lora.path, source.lora.header) as handle:
+        jobs = (
+            (batch, [_read_pair(handle, modules[i]) for i in batch], [source.scales[i] for i in batch])
+            for batch in _batches(modules, [0] * len(modules))
+        )
+
+        def spectrum(job: tuple) -> tuple[list[int], Tensor]:
+            batch, stored, scales = job
+            return batch, linalg.FactorSVD.of(_factors([modules[i] for i in batch], stored, scales, device)).s.cpu()
+
+        for batch, values in _in_order(spectrum, jobs, _workers()):
+            for index, s in zip(batch, values):
+                spectra[index] = s[s > 0]
     return spectra
 
 
@@ -283,6 +293,39 @@ def _output_specs(
     return specs
 
 
+def _out_scale(alpha: float | None, rank: int) -> float:
+    """The scale a loader applies to the written factors: ``alpha / rank`` where the layout stores an alpha."""
+    return alpha / rank if alpha is not None else 1.0
+
+
+def _workers() -> int:
+    """How many modules to resize at once: the cores torch's own threads leave free (at most MAX_WORKERS).
+
+    Per module the work is small (``[r, r]`` eigenproblems, thin products), so several modules on one
+    thread each use the cores better than one module on several threads."""
+    return max(1, min(MAX_WORKERS, (os.cpu_count() or 1) // torch.get_num_threads()))
+
+
+def _in_order(function: Callable[[Job], Result], jobs: Iterable[Job], workers: int) -> Iterator[Result]:
+    """``map(function, jobs)`` on ``workers`` threads, in order, with at most ``2 * workers`` jobs taken ahead."""
+    if workers == 1:
+        yield from map(function, jobs)
+        return
+    # OpenMP thread counts are per thread: a new thread would start with one per core, not the caller's.
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
+        pending: deque[Future[Result]] = deque()
+        try:
+            for job in jobs:
+                pending.append(pool.submit(function, job))
+                if len(pending) == 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def resize_file(
     src: str | Path,
     dst: str | Path,
@@ -310,7 +353,8 @@ def resize_file(
     alpha = None
     if lora.layout.writes_alpha:
         alpha = torch.tensor(output_alpha(source.scales, ranks), dtype=source.alpha_dtype).item()
-    layers = []
+    layers: list[dict] = [{}] * len(lora.modules)
+    done = 0
     with ThreadPoolExecutor(max_workers=1) as hasher:
         sha256 = hasher.submit(file_sha256, src)
         provenance = Provenance(
@@ -324,20 +368,34 @@ def resize_file(
         metadata = build_metadata(lora, ranks, alpha, provenance)
         specs = _output_specs(source, ranks, options, alpha)
         late = lambda: {PROVENANCE_PREFIX + "source_sha256": sha256.result()}  # noqa: E731
-        with open_tensors(src) as handle, lora_output(dst, specs, metadata, late) as output:
+        with open_tensors(src, lora.header) as handle, lora_output(dst, specs, metadata, late) as output:
             for key in lora.passthrough:
                 output.put(key, handle.get_tensor(key))
-            for done, (module, scale, rank) in enumerate(zip(lora.modules, source.scales, ranks), start=1):
-                out_scale = alpha / rank if alpha is not None else 1.0
-                layer, down, up = _resize_module(handle, module, scale / out_scale, rank, options)
-                layer["singular_values"] = [v * out_scale for v in layer["singular_values"]]
-                layers.append(layer)
-                output.put(module.down_key, down)
-                output.put(module.up_key, up)
-                if alpha is not None:
-                    output.put(module.name + lora.layout.alpha_suffix, torch.tensor(alpha, dtype=source.alpha_dtype))
-                if progress:
-                    progress(done, len(lora.modules))
+            batches = _batches(lora.modules, ranks)
+            jobs = (
+                (
+                    [lora.modules[i] for i in batch],
+                    [_read_pair(handle, lora.modules[i]) for i in batch],
+                    [source.scales[i] / _out_scale(alpha, ranks[i]) for i in batch],
+                    ranks[batch[0]],
+                )
+                for batch in batches
+            )
+            resized = _in_order(lambda job: _resize_batch(*job, options), jobs, _workers())
+            for batch, results in zip(batches, resized):
+                for index, (layer, down, up) in zip(batch, results):
+                    module, out_scale = lora.modules[index], _out_scale(alpha, ranks[index])
+                    layer["singular_values"] = [v * out_scale for v in layer["singular_values"]]
+                    layers[index] = layer
+                    output.put(module.down_key, down)
+                    output.put(module.up_key, up)
+                    if alpha is not None:
+                        output.put(
+                            module.name + lora.layout.alpha_suffix, torch.tensor(alpha, dtype=source.alpha_dtype)
+                        )
+                    done += 1
+                    if progress:
+                        progress(done, len(lora.modules))
     config_out = None
     if source.peft_config is not None:
         config_out = dst.parent / PEFT_CONFIG_NAME
@@ -366,32 +424,39 @@ def resize_file(
     }
 
 
-def _resize_module(
-    handle, module: LoraModule, fold: float, rank: int, options: ResizeOptions
-) -> tuple[dict, Tensor, Tensor]:
-    """Resize one module: its report row and the factors to store (``fold``: the scale left in the factors)."""
-    down, up = _load_factors(handle, module, options.device)
-    thin = linalg.factor_svd(down, up, fold)
-    new_down, new_up = resize_factors(down, up, fold, rank, options, _generator(options.seed, module.name), thin)
-    stored_down = new_down.to(_out_dtype(options, module.down_dtype))
-    stored_up = new_up.to(_out_dtype(options, module.up_dtype))
-    written_down, written_up = stored_down.double(), stored_up.double()
-    if not (_all_finite(written_down) and _all_finite(written_up)):
-        raise LoraError(
-            f"module {module.name!r}: the resized factors overflow {stored_up.dtype}; choose a wider output dtype"
-        )
-    error = linalg.relative_error(down, up, fold, written_down, written_up, thin.norm)
-    row = {
-        "name": module.name,
-        "shape": module.delta_shape,
-        "rank_in": module.rank,
-        "rank_out": rank,
-        "rel_error": error,
-        "energy_retained": 1 - error**2,
-        "singular_values": thin.s.tolist(),
-    }
-    conv_tail = (1, 1) if module.is_conv else ()
-    return row, stored_down.reshape(rank, *module.in_shape), stored_up.reshape(module.out_features, rank, *conv_tail)
+def _resize_batch(
+    modules: list[LoraModule],
+    stored: list[tuple[Tensor, Tensor]],
+    folds: list[float],
+    rank: int,
+    options: ResizeOptions,
+) -> list[tuple[dict, Tensor, Tensor]]:
+    """Resize a batch of modules from their :func:`_read_pair` factors: each one's report row and the factors to
+    store (``folds``: the scales left in the factors; the rows' singular values are those of the folded deltas)."""
+    factors = _factors(modules, stored, folds, options.device)
+    thin = linalg.FactorSVD.of(factors)
+    first = modules[0]
+    dtypes = (_out_dtype(options, first.down_dtype), _out_dtype(options, first.up_dtype))
+    generators = [_generator(options.seed, module.name) for module in modules]
+    downs, ups, errors = resize_factors(factors, thin, rank, options, generators, dtypes)
+    results = []
+    for module, down, up, error, s in zip(modules, downs.cpu(), ups.cpu(), errors.tolist(), thin.s.cpu()):
+        if not math.isfinite(error):
+            raise LoraError(
+                f"module {module.name!r}: the resized factors overflow {dtypes[1]}; choose a wider output dtype"
+            )
+        row = {
+            "name": module.name,
+            "shape": module.delta_shape,
+            "rank_in": module.rank,
+            "rank_out": rank,
+            "rel_error": error,
+            "energy_retained": 1 - error**2,
+            "singular_values": s[s > 0].tolist(),
+        }
+        conv_tail = (1, 1) if module.is_conv else ()
+        results.append((row, down.reshape(rank, *module.in_shape), up.reshape(module.out_features, rank, *conv_tail)))
+    return results
 
 
 def inspect_file(path: str | Path, *, config: str | Path | None = None, limits: Limits = DEFAULT_LIMITS) -> dict:

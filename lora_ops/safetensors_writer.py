@@ -40,8 +40,9 @@ DTYPE_ORDER = (
 
 def layout(specs: dict[str, TensorInfo]) -> dict[str, tuple[int, int]]:
     """Data offsets ``(begin, end)`` of every tensor, in safetensors' order (dtype descending, then name)."""
+    order = {dtype: -index for index, dtype in enumerate(DTYPE_ORDER)}
     offsets, position = {}, 0
-    for key in sorted(specs, key=lambda k: (-DTYPE_ORDER.index(specs[k].dtype), k)):
+    for key in sorted(specs, key=lambda k: (order[specs[k].dtype], k)):
         offsets[key] = (position, position + specs[key].nbytes)
         position += specs[key].nbytes
     return offsets

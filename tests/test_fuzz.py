@@ -32,7 +32,8 @@ from safetensors import safe_open
 import lora_ops
 from lora_ops import linalg
 from lora_ops.files import DEFAULT_LIMITS, DTYPE_BYTES, Limits, read_header
-from lora_ops.resize import MAX_RANK, resize_factors
+from lora_ops.options import MAX_RANK
+from lora_ops.resize import resize_factors
 
 EXPLORE = os.environ.get("LORA_OPS_FUZZ") == "explore"
 
@@ -353,11 +354,18 @@ ZEROED = ("none", "down", "up", "both", "down-row")
 
 @dataclass(frozen=True)
 class Factors:
-    """A LoRA pair as float64 matrices, ``down [r, n]`` and ``up [m, r]``, as stored in `dtype` then read back."""
+    """A LoRA pair as float64 matrices, ``down [r, n]`` and ``up [m, r]``, as stored in a dtype then read back;
+    ``compute``: the dtype `resize` does the tall products in for that storage dtype."""
 
     down: torch.Tensor
     up: torch.Tensor
     scale: float
+    compute: torch.dtype
+
+    def batch(self, dtype: torch.dtype | None = None) -> linalg.Factors:
+        """The pair as a batch of one for `lora_ops.linalg`, in ``dtype`` (default: `compute`)."""
+        dtype = dtype or self.compute
+        return linalg.Factors.of(self.down.to(dtype)[None], self.up.to(dtype)[None], self.scale)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -379,7 +387,8 @@ def factor_pairs(draw) -> Factors:
         up.zero_()
     if zeroed == "down-row":
         down[0].zero_()
-    return Factors(down, up, draw(st.sampled_from([1.0, 0.25, 4.0, -2.0])))
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+    return Factors(down, up, draw(st.sampled_from([1.0, 0.25, 4.0, -2.0])), compute)
 
 
 def _dense_error(delta: torch.Tensor, new_down: torch.Tensor, new_up: torch.Tensor) -> float:
@@ -392,12 +401,14 @@ def _dense_error(delta: torch.Tensor, new_down: torch.Tensor, new_up: torch.Tens
 def test_exact_svd_is_the_optimal_rank_k_approximation(factors, rank):
     singular = torch.linalg.svdvals(factors.delta)
     norm = torch.linalg.vector_norm(singular).item()
-    thin = linalg.factor_svd(factors.down, factors.up, factors.scale)
-    new_down, new_up = linalg.svd(factors.down, factors.up, factors.scale, rank)
-    assert new_down.shape[1] == factors.down.shape[1] and new_up.shape[0] == factors.up.shape[0]
-    assert new_down.shape[0] == new_up.shape[1] <= min(rank, factors.down.shape[0])
-    kept = thin.s.shape[0]
-    assert torch.allclose(thin.s, singular[:kept], atol=1e-9 * max(norm, 1.0))
+    batch = factors.batch(torch.float64)
+    thin = linalg.FactorSVD.of(batch)
+    new_down, new_up = (x[0] for x in linalg.svd(thin, rank).apply(batch))
+    assert new_down.shape == (min(rank, factors.down.shape[0]), factors.down.shape[1])
+    assert new_up.shape == (factors.up.shape[0], new_down.shape[0])
+    kept = int(thin.ranks)
+    assert torch.allclose(thin.s[0, :kept], singular[:kept], atol=1e-9 * max(norm, 1.0))
+    assert not thin.s[0, kept:].any()
     assert torch.all(singular[kept:] <= 1e-5 * max(norm, 1e-300))
     optimum = torch.linalg.vector_norm(singular[rank:]).item()
     achieved = torch.linalg.matrix_norm(factors.delta - new_up @ new_down).item()
@@ -409,12 +420,17 @@ def test_exact_svd_is_the_optimal_rank_k_approximation(factors, rank):
 def test_extension_keeps_the_delta_exactly(factors, extra):
     r, n = factors.down.shape
     rank = r + extra
-    new_down, new_up = linalg.extend(
-        factors.down, factors.up, factors.scale, rank, generator=torch.Generator().manual_seed(rank)
+    batch = factors.batch(torch.float64)
+    options = lora_ops.ResizeOptions(rank=rank)
+    generators = [torch.Generator().manual_seed(rank)]
+    new_down, new_up, errors = resize_factors(
+        batch, linalg.FactorSVD.of(batch), rank, options, generators, (torch.float64, torch.float64)
     )
+    new_down, new_up = new_down[0], new_up[0]
     assert new_down.shape == (rank, n) and new_up.shape == (factors.up.shape[0], rank)
-    assert torch.equal(new_down[:r], factors.down)
+    assert torch.equal(new_down[:r], factors.down) and not new_up[:, r:].any()
     assert torch.allclose(new_up @ new_down, factors.delta, rtol=0, atol=1e-12 * max(factors.delta.abs().max(), 1))
+    assert errors.item() <= 1e-12
     new_rows = new_down[r:]
     live = new_rows[new_rows.abs().sum(dim=1) > 0]
     assert torch.allclose(live @ live.T, torch.eye(live.shape[0], dtype=torch.float64), atol=1e-9)
@@ -430,18 +446,22 @@ def test_extension_keeps_the_delta_exactly(factors, extra):
 )
 def test_every_method_gives_exactly_the_rank_and_its_error_is_the_dense_error(factors, rank, method, stored):
     options = lora_ops.ResizeOptions(rank=rank, method=method)
-    thin = linalg.factor_svd(factors.down, factors.up, factors.scale)
-    generator = torch.Generator().manual_seed(0)
-    new_down, new_up = resize_factors(factors.down, factors.up, factors.scale, rank, options, generator, thin)
+    batch = factors.batch()
+    thin = linalg.FactorSVD.of(batch)
+    runs = {}
+    for dtype in (stored, factors.compute):  # rounded to storage, and as computed
+        generators = [torch.Generator().manual_seed(0)]
+        down, up, errors = resize_factors(batch, thin, rank, options, generators, (dtype, dtype))
+        runs[dtype] = down[0].double(), up[0].double(), errors.item()
+    new_down, new_up, error = runs[stored]
     assert new_down.shape == (rank, factors.down.shape[1]) and new_up.shape == (factors.up.shape[0], rank)
     assert torch.isfinite(new_down).all() and torch.isfinite(new_up).all()
-    read_back = new_down.to(stored).double(), new_up.to(stored).double()
-    error = linalg.relative_error(factors.down, factors.up, factors.scale, *read_back, thin.norm)
-    assert abs(error - _dense_error(factors.delta, *read_back)) <= 1e-6
+    assert abs(error - _dense_error(factors.delta, new_down, new_up)) <= 1e-6
     if rank >= factors.down.shape[0] or method == "svd":
-        optimum = torch.linalg.vector_norm(thin.s[rank:]).item() / thin.norm if thin.norm else 0.0
-        exact = linalg.relative_error(factors.down, factors.up, factors.scale, new_down, new_up, thin.norm)
-        assert abs(exact - optimum) <= 1e-6
+        singular = torch.linalg.svdvals(factors.delta)
+        norm = torch.linalg.vector_norm(singular).item()
+        optimum = torch.linalg.vector_norm(singular[rank:]).item() / norm if norm else 0.0
+        assert abs(runs[factors.compute][2] - optimum) <= 1e-6
 
 
 def test_max_rank_is_what_the_options_accept():

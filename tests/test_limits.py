@@ -48,9 +48,9 @@ def data_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     opened: list[str] = []
     real = files.open_tensors
 
-    def watched(path):
+    def watched(path, header):
         opened.append(str(path))
-        return real(path)
+        return real(path, header)
 
     monkeypatch.setattr(resize, "open_tensors", watched)
     return opened
@@ -154,7 +154,7 @@ def no_linear_algebra(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("the linear algebra ran before the rank was checked")
 
-    monkeypatch.setattr(linalg, "factor_svd", forbidden)
+    monkeypatch.setattr(linalg.Factors, "of", forbidden)
 
 
 @pytest.mark.parametrize(
