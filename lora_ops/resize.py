@@ -1,18 +1,15 @@
-"""Inspecting and resizing LoRA files: the public entry points, streaming one module at a time."""
+"""Inspecting and resizing LoRA files: the public entry points, streaming batches of same-shaped modules."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import statistics
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -25,6 +22,7 @@ from .layouts import LoraFile, LoraModule, parse_lora
 from .options import MAX_RANK, ResizeOptions
 from .ranks import energy_rank, threshold_ranks
 from .scales import PEFT_CONFIG_NAME, load_peft_config, module_scales
+from .threads import in_order, workers
 from .writer import (
     PROVENANCE_PREFIX,
     Provenance,
@@ -38,15 +36,12 @@ from .writer import (
 
 OUTPUT_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_LABELS = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16"}
-MAX_WORKERS = 4
 # Factor bytes (at 4 bytes per value) of one batch of same-shaped modules: small enough to stay in cache.
 BATCH_BYTES = 8 * 1024**2
 # Stands in the header for the source sha256 until its background hashing is done (same length).
 SHA256_PLACEHOLDER = "0" * 64
 
 Progress = Callable[[int, int], None]
-Job = TypeVar("Job")
-Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -219,7 +214,7 @@ def _spectra(source: _Source, device: str) -> list[Tensor]:
             batch, stored, scales = job
             return batch, linalg.FactorSVD.of(_factors([modules[i] for i in batch], stored, scales, device)).s.cpu()
 
-        for batch, values in _in_order(spectrum, jobs, _workers()):
+        for batch, values in in_order(spectrum, jobs, workers()):
             for index, s in zip(batch, values):
                 spectra[index] = s[s > 0]
     return spectra
@@ -298,34 +293,6 @@ def _out_scale(alpha: float | None, rank: int) -> float:
     return alpha / rank if alpha is not None else 1.0
 
 
-def _workers() -> int:
-    """How many modules to resize at once: the cores torch's own threads leave free (at most MAX_WORKERS).
-
-    Per module the work is small (``[r, r]`` eigenproblems, thin products), so several modules on one
-    thread each use the cores better than one module on several threads."""
-    return max(1, min(MAX_WORKERS, (os.cpu_count() or 1) // torch.get_num_threads()))
-
-
-def _in_order(function: Callable[[Job], Result], jobs: Iterable[Job], workers: int) -> Iterator[Result]:
-    """``map(function, jobs)`` on ``workers`` threads, in order, with at most ``2 * workers`` jobs taken ahead."""
-    if workers == 1:
-        yield from map(function, jobs)
-        return
-    # OpenMP thread counts are per thread: a new thread would start with one per core, not the caller's.
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
-        pending: deque[Future[Result]] = deque()
-        try:
-            for job in jobs:
-                pending.append(pool.submit(function, job))
-                if len(pending) == 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-
-
 def resize_file(
     src: str | Path,
     dst: str | Path,
@@ -381,7 +348,7 @@ def resize_file(
                 )
                 for batch in batches
             )
-            resized = _in_order(lambda job: _resize_batch(*job, options), jobs, _workers())
+            resized = in_order(lambda job: _resize_batch(*job, options), jobs, workers())
             for batch, results in zip(batches, resized):
                 for index, (layer, down, up) in zip(batch, results):
                     module, out_scale = lora.modules[index], _out_scale(alpha, ranks[index])

@@ -97,7 +97,9 @@ def test_relative_error_is_that_of_the_rounded_factors(stored):
         new = rank_map.apply(factors)
         written = new[0].to(stored), new[1].to(stored)
         dense = _rel(written[1].double() @ written[0].double(), up @ down)
-        assert linalg.relative_error(factors, rank_map, new, written, thin.norm).item() == pytest.approx(dense, abs=1e-9)
+        assert linalg.relative_error(factors, rank_map, new, written, thin.norm).item() == pytest.approx(
+            dense, abs=1e-9
+        )
 
 
 def test_relative_error_of_zero_delta_is_zero():
@@ -158,7 +160,9 @@ def test_sparse_random_projection_density():
 def test_kept_factors_are_passed_through_with_the_scale_in_up():
     down, up = _factors(64, 48, 8)
     for scale in (1.0, 0.5):
-        new_down, new_up = linalg.RankMap.keep(linalg.Factors.of(down, up, scale)).apply(linalg.Factors.of(down, up, scale))
+        new_down, new_up = linalg.RankMap.keep(linalg.Factors.of(down, up, scale)).apply(
+            linalg.Factors.of(down, up, scale)
+        )
         assert new_down is down and torch.equal(new_up, scale * up)
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lora_ops
-from lora_ops import synthetic
+from lora_ops import digest, resize, synthetic
 from lora_ops.writer import PROVENANCE_PREFIX
 from tests.fixtures_lora import CASE_BY_NAME, KOHYA_METADATA, read_deltas, write_case
 
@@ -167,6 +167,47 @@ def test_provenance_and_determinism(tmp_path):
     other_seed = tmp_path / "c.safetensors"
     lora_ops.resize_file(fixture.path, other_seed, lora_ops.ResizeOptions(rank=2, method="random_projection", seed=6))
     assert other_seed.read_bytes() != outputs[0]
+
+
+@pytest.mark.parametrize("method", lora_ops.METHODS)
+def test_the_output_does_not_depend_on_the_number_of_threads(method, tmp_path, monkeypatch):
+    """Batches run on worker threads in any order; the file and report are the same as on one thread."""
+    shapes = synthetic.flux_shapes(num_double=1, num_single=2, hidden=64)
+    path = tmp_path / "flux.safetensors"
+    synthetic.save_lora(synthetic.make_lora(shapes, 8, dtype=torch.bfloat16, seed=0), path)
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(resize, "workers", lambda threads=threads: threads)
+        out = tmp_path / f"{threads}.safetensors"
+        report = lora_ops.resize_file(path, out, lora_ops.ResizeOptions(rank=5, method=method, seed=3))
+        results.append((out.read_bytes(), [(layer["name"], layer["rel_error"]) for layer in report["layers"]]))
+    assert results[0] == results[1]
+
+
+def test_16_bit_factors_too_large_for_float32_products_are_resized_in_float64(tmp_path):
+    """bf16 holds values up to 3e38, whose squares overflow a float32 Gram matrix: that batch falls back to float64."""
+    generator = torch.Generator().manual_seed(0)
+    down = (torch.randn(6, 40, generator=generator, dtype=torch.float64) * 1e25).bfloat16()
+    up = (torch.randn(30, 6, generator=generator, dtype=torch.float64) * 1e-25).bfloat16()
+    path = tmp_path / "huge.safetensors"
+    save_file({"m.lora_A.weight": down, "m.lora_B.weight": up}, str(path))
+    out = tmp_path / "r3.safetensors"
+    report = lora_ops.resize_file(path, out, lora_ops.ResizeOptions(rank=3))
+    truth = up.double() @ down.double()
+    with safe_open(str(out), framework="pt") as handle:
+        written = handle.get_tensor("m.lora_B.weight").double() @ handle.get_tensor("m.lora_A.weight").double()
+    assert _rel(written, _optimum(truth, 3)) < 2e-2
+    assert report["layers"][0]["rel_error"] == pytest.approx(_rel(written, truth), abs=1e-6)
+
+
+def test_an_input_hashed_ahead_is_hashed_again_once_it_changed(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"first")
+    digest.hash_ahead(path)
+    assert digest.file_sha256(path) == hashlib.sha256(b"first").hexdigest()
+    digest.hash_ahead(path)
+    path.write_bytes(b"second, longer")
+    assert digest.file_sha256(path) == hashlib.sha256(b"second, longer").hexdigest()
 
 
 @pytest.mark.parametrize("method", lora_ops.METHODS)
