@@ -189,12 +189,15 @@ def resize_factors(
     new_down, new_up = new = rank_map.apply(factors)
     down, up = new_down.to(dtypes[0]), new_up.to(dtypes[1])
     errors = linalg.relative_error(factors, rank_map, new, (down, up), thin.norm)
-    extra, kept = rank - rank_map.rank, rank_map.rank
+    width = rank_map.rank
+    extra = rank - width
     down = torch.cat([down, down.new_zeros(*down.shape[:-2], extra, down.shape[-1])], dim=-2)
     up = torch.cat([up, up.new_zeros(*up.shape[:-1], extra)], dim=-1)
-    empty = torch.cat([(rank_map.down_map == 0).all(-1).cpu(), torch.ones(len(generators), extra, dtype=torch.bool)], 1)
+    # directions without weight: the map's zero rows, then the added ones
+    unused = (rank_map.down_map == 0).all(-1).cpu()
+    empty = torch.cat([unused, torch.ones(len(generators), extra, dtype=torch.bool)], dim=1)
     for index in empty.any(-1).nonzero().flatten().tolist():
-        live = new_down[index][~empty[index, :kept]]
+        live = new_down[index][~empty[index, :width]]
         rows = linalg.extension_rows(live, int(empty[index].sum()), generator=generators[index])
         down[index, empty[index]] = rows.to(dtypes[0])
     return down, up, errors
