@@ -217,7 +217,7 @@ def _spectra(source: _Source, device: str) -> list[Tensor]:
             batch, stored, scales = job
             return batch, linalg.FactorSVD.of(_factors([modules[i] for i in batch], stored, scales, device)).s.cpu()
 
-        for batch, values in in_order(spectrum, jobs, workers()):
+        for batch, values in in_order(spectrum, jobs, workers(device)):
             for index, s in zip(batch, values):
                 spectra[index] = s[s > 0]
     return spectra
@@ -351,7 +351,7 @@ def resize_file(
                 )
                 for batch in batches
             )
-            resized = in_order(lambda job: _resize_batch(*job, options), jobs, workers())
+            resized = in_order(lambda job: _resize_batch(*job, options), jobs, workers(options.device))
             for batch, results in zip(batches, resized):
                 for index, (layer, down, up) in zip(batch, results):
                     module, out_scale = lora.modules[index], _out_scale(alpha, ranks[index])

@@ -15,11 +15,15 @@ Job = TypeVar("Job")
 Result = TypeVar("Result")
 
 
-def workers() -> int:
-    """How many batches to work on at once: the cores torch's own threads leave free (at most MAX_WORKERS).
+def workers(device: str) -> int:
+    """How many batches to work on at once: on the CPU, the cores torch's own threads leave free (at most
+    MAX_WORKERS); on a GPU, one.
 
     Per batch the work is small (``[r, r]`` eigenproblems, thin products), so several batches on one
-    thread each use the cores better than one batch on several threads."""
+    thread each use the cores better than one batch on several threads. A GPU runs one batch's kernels
+    at a time anyway, and torch's lazy set-up of CUDA linear algebra fails when two threads start it."""
+    if device != "cpu":
+        return 1
     return max(1, min(MAX_WORKERS, (os.cpu_count() or 1) // torch.get_num_threads()))
 
 

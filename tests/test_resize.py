@@ -177,7 +177,7 @@ def test_the_output_does_not_depend_on_the_number_of_threads(method, tmp_path, m
     synthetic.save_lora(synthetic.make_lora(shapes, 8, dtype=torch.bfloat16, seed=0), path)
     results = []
     for threads in (1, 3):
-        monkeypatch.setattr(resize, "workers", lambda threads=threads: threads)
+        monkeypatch.setattr(resize, "workers", lambda device, threads=threads: threads)
         out = tmp_path / f"{threads}.safetensors"
         report = lora_ops.resize_file(path, out, lora_ops.ResizeOptions(rank=5, method=method, seed=3))
         results.append((out.read_bytes(), [(layer["name"], layer["rel_error"]) for layer in report["layers"]]))
