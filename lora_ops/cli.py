@@ -78,6 +78,13 @@ def _print_inspection(report: dict) -> None:
         print(f"  {layer['name']:<64} {shape:>18} {layer['rank']:>5} {share:>13.4f}")
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from .resize import inspect_file
+
+    report = inspect_file(args.file, config=args.config)
+    print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)
+
+
 def _resize(args: argparse.Namespace) -> None:
     from .resize import resize_file
 
@@ -117,16 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resize":
             # The output's provenance holds the input's sha256: hash it on the second core while torch loads.
             hash_ahead(args.input)
-        import torch
-
-        from .resize import inspect_file
+        import torch  # only now, so that the hashing above overlaps torch's one-second import
 
         # Per layer the work is small (r x r eigenproblems, thin products): several batches of layers on
-        # one BLAS thread each use the cores better than one batch on several (see resize._workers).
+        # one BLAS thread each use the cores better than one batch on several (see lora_ops.threads).
         torch.set_num_threads(1)
         if args.command == "inspect":
-            report = inspect_file(args.file, config=args.config)
-            print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)
+            _inspect(args)
         else:
             _resize(args)
     except LoraError as error:
