@@ -12,8 +12,6 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,10 +206,7 @@ class TensorReader:
             size = os.fstat(f.fileno()).st_size
             if size != header.file_bytes:
                 raise LoraError(f"{path.name} changed while it was being read")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else bytearray()
-
-    def keys(self) -> list[str]:
-        return list(self._header.tensors)
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # a valid file is never empty
 
     def get_tensor(self, key: str) -> torch.Tensor:
         """The tensor ``key``, a view of the file's bytes."""
@@ -226,7 +221,6 @@ class TensorReader:
         return flat.reshape(info.shape)
 
 
-@contextmanager
-def open_tensors(path: str | Path, header: Header) -> Iterator[TensorReader]:
+def open_tensors(path: str | Path, header: Header) -> TensorReader:
     """Open a file whose ``header`` was validated, for reading tensor by tensor (never all at once)."""
-    yield TensorReader(Path(path), header)
+    return TensorReader(Path(path), header)

@@ -84,11 +84,11 @@ def _open_source(path: str | Path, config: str | Path | None, limits: Limits, ra
     _check_work(lora, limits, rank_out)
     alphas: dict[str, float] = {}
     alpha_dtype = torch.float32
-    with open_tensors(lora.path, lora.header) as handle:
-        for module in lora.modules:
-            if module.alpha_key:
-                alpha = handle.get_tensor(module.alpha_key)
-                alphas[module.name], alpha_dtype = float(alpha.reshape(-1)[0]), alpha.dtype
+    handle = open_tensors(lora.path, lora.header)
+    for module in lora.modules:
+        if module.alpha_key:
+            alpha = handle.get_tensor(module.alpha_key)
+            alphas[module.name], alpha_dtype = float(alpha.reshape(-1)[0]), alpha.dtype
     peft_config, peft_config_path = load_peft_config(lora, config)
     scales, scale_source = module_scales(lora, alphas, peft_config)
     return _Source(lora, scales, scale_source, alpha_dtype, peft_config, peft_config_path)
@@ -207,19 +207,19 @@ def _spectra(source: _Source, device: str) -> list[Tensor]:
     """Singular values of every module's effective delta (descending, float64, on the CPU)."""
     modules = source.lora.modules
     spectra: list[Tensor] = [torch.empty(0)] * len(modules)
-    with open_tensors(source.lora.path, source.lora.header) as handle:
-        jobs = (
-            (batch, [_read_pair(handle, modules[i]) for i in batch], [source.scales[i] for i in batch])
-            for batch in _batches(modules, [0] * len(modules))
-        )
+    handle = open_tensors(source.lora.path, source.lora.header)
+    jobs = (
+        (batch, [_read_pair(handle, modules[i]) for i in batch], [source.scales[i] for i in batch])
+        for batch in _batches(modules, [0] * len(modules))
+    )
 
-        def spectrum(job: tuple) -> tuple[list[int], Tensor]:
-            batch, stored, scales = job
-            return batch, linalg.FactorSVD.of(_factors([modules[i] for i in batch], stored, scales, device)).s.cpu()
+    def spectrum(job: tuple) -> tuple[list[int], Tensor]:
+        batch, stored, scales = job
+        return batch, linalg.FactorSVD.of(_factors([modules[i] for i in batch], stored, scales, device)).s.cpu()
 
-        for batch, values in in_order(spectrum, jobs, workers(device)):
-            for index, s in zip(batch, values):
-                spectra[index] = s[s > 0]
+    for batch, values in in_order(spectrum, jobs, workers(device)):
+        for index, s in zip(batch, values):
+            spectra[index] = s[s > 0]
     return spectra
 
 
@@ -338,7 +338,8 @@ def resize_file(
         metadata = build_metadata(lora, ranks, alpha, provenance)
         specs = _output_specs(source, ranks, options, alpha)
         late = lambda: {PROVENANCE_PREFIX + "source_sha256": sha256.result()}  # noqa: E731
-        with open_tensors(src, lora.header) as handle, lora_output(dst, specs, metadata, late) as output:
+        handle = open_tensors(src, lora.header)
+        with lora_output(dst, specs, metadata, late) as output:
             for key in lora.passthrough:
                 output.put(key, handle.get_tensor(key))
             batches = _batches(lora.modules, ranks)

@@ -283,3 +283,13 @@ def test_push_refuses_a_report_that_is_not_a_resize_report(report, app_url, hub_
     message = str(refused.value)
     assert "report" in message and "\n" not in message and "verbose error reporting" not in message
     assert hub_online.commits == []
+
+
+def test_a_file_that_changes_after_its_header_was_read_is_refused(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"m.lora_A.weight": torch.zeros(2, 4), "m.lora_B.weight": torch.zeros(3, 2)}, str(path))
+    header = files.read_header(path)
+    with path.open("ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(lora_ops.LoraError, match="changed while it was being read"):
+        files.open_tensors(path, header)
