@@ -6,7 +6,7 @@ import hashlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +102,14 @@ def _read_pair(handle, module: LoraModule) -> tuple[Tensor, Tensor]:
     """The module's stored factors as matrices (views of the file): ``down [r, n]`` and ``up [m, r]``."""
     down, up = handle.get_tensor(module.down_key), handle.get_tensor(module.up_key)
     return down.reshape(module.rank, -1), up.reshape(up.shape[0], module.rank)
+
+
+def _read_batches(
+    handle, modules: tuple[LoraModule, ...], batches: list[list[int]], scales: list[float]
+) -> Iterator[tuple[list[LoraModule], list[tuple[Tensor, Tensor]], list[float]]]:
+    """Per batch of module indices: the modules, their :func:`_read_pair` factors and their ``scales``."""
+    for batch in batches:
+        yield [modules[i] for i in batch], [_read_pair(handle, modules[i]) for i in batch], [scales[i] for i in batch]
 
 
 def _batches(modules: tuple[LoraModule, ...], ranks: list[int]) -> list[list[int]]:
@@ -207,17 +215,13 @@ def _spectra(source: _Source, device: str) -> list[Tensor]:
     """Singular values of every module's effective delta (descending, float64, on the CPU)."""
     modules = source.lora.modules
     spectra: list[Tensor] = [torch.empty(0)] * len(modules)
-    handle = open_tensors(source.lora.path, source.lora.header)
-    jobs = (
-        (batch, [_read_pair(handle, modules[i]) for i in batch], [source.scales[i] for i in batch])
-        for batch in _batches(modules, [0] * len(modules))
-    )
+    batches = _batches(modules, [0] * len(modules))
+    jobs = _read_batches(open_tensors(source.lora.path, source.lora.header), modules, batches, source.scales)
 
-    def spectrum(job: tuple) -> tuple[list[int], Tensor]:
-        batch, stored, scales = job
-        return batch, linalg.FactorSVD.of(_factors([modules[i] for i in batch], stored, scales, device)).s.cpu()
+    def spectrum(job: tuple) -> Tensor:
+        return linalg.FactorSVD.of(_factors(*job, device)).s.cpu()
 
-    for batch, values in in_order(spectrum, jobs, workers(device)):
+    for batch, values in zip(batches, in_order(spectrum, jobs, workers(device))):
         for index, s in zip(batch, values):
             spectra[index] = s[s > 0]
     return spectra
@@ -339,19 +343,13 @@ def resize_file(
         specs = _output_specs(source, ranks, options, alpha)
         late = lambda: {PROVENANCE_PREFIX + "source_sha256": sha256.result()}  # noqa: E731
         handle = open_tensors(src, lora.header)
+        folds = [scale / _out_scale(alpha, rank) for scale, rank in zip(source.scales, ranks)]
         with lora_output(dst, specs, metadata, late) as output:
             for key in lora.passthrough:
                 output.put(key, handle.get_tensor(key))
             batches = _batches(lora.modules, ranks)
-            jobs = (
-                (
-                    [lora.modules[i] for i in batch],
-                    [_read_pair(handle, lora.modules[i]) for i in batch],
-                    [source.scales[i] / _out_scale(alpha, ranks[i]) for i in batch],
-                    ranks[batch[0]],
-                )
-                for batch in batches
-            )
+            reads = _read_batches(handle, lora.modules, batches, folds)
+            jobs = ((*read, ranks[batch[0]]) for batch, read in zip(batches, reads))
             resized = in_order(lambda job: _resize_batch(*job, options), jobs, workers(options.device))
             for batch, results in zip(batches, resized):
                 for index, (layer, down, up) in zip(batch, results):
