@@ -136,10 +136,11 @@ def _factors(
     16-bit factors are copied to float32, others to float64; float64 is the fallback when a float32 Gram
     matrix overflows (values above about 1e19)."""
     exact = all({m.down_dtype, m.up_dtype} <= EXACT_IN_FLOAT32 for m in modules)
-    (down, up), count = stored[0], len(stored)
+    down_shape, up_shape = stored[0][0].shape, stored[0][1].shape  # one shape per batch
     for dtype in (torch.float32, torch.float64) if exact else (torch.float64,):
-        downs = torch.empty((count, *down.shape), dtype=dtype, device=device)
-        ups = torch.empty((count, *up.shape), dtype=dtype, device=device)
+        # copied and converted in one pass into the stacked tensors (torch.stack would copy the 16-bit data first)
+        downs = torch.empty((len(stored), *down_shape), dtype=dtype, device=device)
+        ups = torch.empty((len(stored), *up_shape), dtype=dtype, device=device)
         for index, (down, up) in enumerate(stored):
             downs[index].copy_(down)
             ups[index].copy_(up)
