@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_inspection(report: dict) -> None:
-    print(f"{report['file']}: {report['flavour']} (layout {report['layout']}), {format_size(report['bytes'])}")
+    print(
+        f"{report['file']}: {report['flavour']} (layout {report['layout']}) for {report['family']},"
+        f" {format_size(report['bytes'])}"
+    )
     print(
         f"  {report['modules']} modules, ranks {report['ranks']}, {report['dtype']}, scale from {report['scale_source']}"
     )
@@ -82,7 +85,14 @@ def _inspect(args: argparse.Namespace) -> None:
     from .resize import inspect_file
 
     report = inspect_file(args.file, config=args.config)
+    _print_warnings(report)
     print(json.dumps(report, indent=2)) if args.json else _print_inspection(report)
+
+
+def _print_warnings(report: dict) -> None:
+    """One ``warning: …`` line on stderr per consumer that reads the input differently from its format's owner."""
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _resize(args: argparse.Namespace) -> None:
@@ -115,6 +125,7 @@ def _resize(args: argparse.Namespace) -> None:
         f" relative error median {report['median_error']:.4g}, worst {report['worst_error']:.4g}"
         f" ({report['worst_layer']}), {report['seconds']:.1f} s"
     )
+    _print_warnings(report)
 
 
 def main(argv: list[str] | None = None) -> int:

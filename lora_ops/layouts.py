@@ -17,38 +17,58 @@ from .errors import LoraError
 from .files import Header, TensorInfo
 
 FACTOR_DTYPES = ("F64", "F32", "F16", "BF16")
+# An alpha may be any real number: kohya and ComfyUI read integer alphas with ``.item()`` like float ones.
+ALPHA_DTYPES = (*FACTOR_DTYPES, "I64", "I32", "I16", "I8", "U8")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How one family of files names LoRA factors and stores the scale.
+    """How one family of files names LoRA factors and where it keeps the scale.
 
-    ``writes_alpha``: a resized file carries one ``.alpha`` per module (one constant value, the scale
-    folded into the factors) - the kohya family; otherwise the whole scale is folded into the factors
-    and no alpha is written. ``zero_alpha_is_rank``: the trainer reads ``alpha == 0`` as ``alpha = rank``.
+    ``pairs``: the ``(down, up)`` key suffixes of a module's two factors; the first pair is the layout's
+    usual one, later ones are other pairs the same consumers treat as LoRA (PEFT's ``lora_embedding_A`` /
+    ``lora_embedding_B`` of an ``nn.Embedding``). ``alpha_suffix``: the key of a module's alpha tensor.
+    ``zero_alpha_is_rank``: the format's owner reads ``alpha == 0`` as ``alpha = rank`` (sd-scripts,
+    ``networks/lora.py``); diffusers and ComfyUI read it as 0.
     """
 
     name: str
-    down_suffix: str
-    up_suffix: str
+    pairs: tuple[tuple[str, str], ...]
     module_pattern: re.Pattern[str]
     alpha_suffix: str
-    writes_alpha: bool
     zero_alpha_is_rank: bool
 
+    @property
+    def down_suffix(self) -> str:
+        """The usual down (A) suffix."""
+        return self.pairs[0][0]
 
+    @property
+    def up_suffix(self) -> str:
+        """The usual up (B) suffix."""
+        return self.pairs[0][1]
+
+
+ANY = re.compile(r".+")
 LAYOUTS = (
-    Layout("diffusers", ".lora_A.weight", ".lora_B.weight", re.compile(r".+"), ".alpha", False, False),
-    Layout("kohya", ".lora_down.weight", ".lora_up.weight", re.compile(r".+"), ".alpha", True, True),
-    Layout("diffusers-legacy", ".lora.down.weight", ".lora.up.weight", re.compile(r".+"), ".alpha", False, False),
-    Layout("lora-processor", ".down.weight", ".up.weight", re.compile(r".+_lora\d*"), ".alpha", False, False),
-    Layout("cloneofsimo", ":down", ":up", re.compile(r"[A-Za-z_]+:\d+"), ":alpha", False, False),
+    Layout(
+        "diffusers",
+        ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")),
+        ANY,
+        ".alpha",
+        False,
+    ),
+    Layout("kohya", ((".lora_down.weight", ".lora_up.weight"),), ANY, ".alpha", True),
+    Layout("diffusers-legacy", ((".lora.down.weight", ".lora.up.weight"),), ANY, ".alpha", False),
+    Layout("lora-processor", ((".down.weight", ".up.weight"),), re.compile(r".+_lora\d*"), ".alpha", False),
+    Layout("cloneofsimo", ((":down", ":up"),), re.compile(r"[A-Za-z_]+:\d+"), ":alpha", False),
 )
 LAYOUT_BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
-# (layout, regex on a module name, what users call files like this); the first match names the file.
+# (layout, regex on a module name, what users call files like this); the first row that matches any of the
+# file's module names names the file.
 FLAVOURS = (
-    ("diffusers", r"^transformer\.", "diffusers/PEFT (FLUX transformer)"),
+    ("diffusers", r"^transformer\.", "diffusers/PEFT (transformer)"),
     ("diffusers", r"^(unet|text_encoder(_2)?)\.", "diffusers/PEFT (SD/SDXL)"),
     ("diffusers", r"^base_model\.model\.double_blocks\.", "fal Kontext"),
     ("diffusers", r"^base_model\.model\.", "PEFT adapter"),
@@ -59,11 +79,31 @@ FLAVOURS = (
     ("kohya", r"^lora_transformer_", "OneTrainer"),
     ("kohya", r"^diffusion_model\.", "ComfyUI / BFL names"),
     ("kohya", r"^transformer\.", "diffusers names with lora_down/lora_up"),
-    ("kohya", r"", "kohya sd-scripts / LoCon (SD, SDXL)"),
+    ("kohya", r"", "kohya sd-scripts / LoCon"),
     ("diffusers-legacy", r"", "diffusers attention processors (legacy .lora.down)"),
     ("lora-processor", r"processor\.(qkv|proj)_lora\d", "XLabs"),
     ("lora-processor", r"", "diffusers attention processors (legacy _lora.down)"),
     ("cloneofsimo", r"", "cloneofsimo lora (positional)"),
+)
+
+# (model family, regex on a module name); the first row that matches any of the file's module names names the
+# family of the model the LoRA was trained for. Rows with distinctive module names come first: FLUX.1 double
+# blocks have SD3's ``add_q_proj`` too, and HunyuanVideo's token refiner is what sets it apart from FLUX.1.
+_SEP = r"[._]"
+MODEL_FAMILIES = (
+    ("HunyuanVideo", rf"token_refiner|txt_in{_SEP}individual_token_refiner"),
+    ("Qwen-Image", rf"(img|txt)_mlp{_SEP}net|(img|txt)_mod{_SEP}1\b|transformer_blocks{_SEP}\d+{_SEP}(img|txt)_mod"),
+    ("Z-Image", rf"noise_refiner|context_refiner|layers{_SEP}\d+{_SEP}(attention{_SEP}to_|feed_forward{_SEP}w\d)"),
+    ("Wan", rf"blocks{_SEP}\d+{_SEP}(self_attn|cross_attn|ffn){_SEP}"),
+    ("FLUX.1", rf"single_transformer_blocks|(double|single)_blocks{_SEP}\d+|qkv_lora\d"),
+    ("SD3", rf"transformer_blocks{_SEP}\d+{_SEP}(attn{_SEP}add_[qkv]_proj|ff_context)"),
+    (
+        "SDXL",
+        rf"lora_te2_|text_encoder_2|add_embedding|(input|output)_blocks{_SEP}[4-8]{_SEP}1{_SEP}transformer_blocks{_SEP}[1-9]"
+        rf"|(down|up)_blocks{_SEP}[12]{_SEP}attentions{_SEP}\d{_SEP}transformer_blocks{_SEP}[1-9]",
+    ),
+    ("SD 1.x/2.x", rf"(down|up|mid)_blocks?{_SEP}|(input|output|middle)_blocks?{_SEP}|unet|lora_te_"),
+    ("CLIP text encoder", rf"lora_te\d?_|text_encoder|text_model{_SEP}encoder"),
 )
 
 # Adapters that are not plain LoRA: refused by name, never resized.
@@ -81,7 +121,13 @@ FOREIGN_ADAPTERS = (
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA pair: ``down`` (A) ``[rank, *in_shape]`` and ``up`` (B) ``[out_features, rank(, 1, 1)]``."""
+    """One LoRA pair: ``down`` (A) ``[rank, *in_shape]`` and ``up`` (B) ``[out_features, rank, *up_tail]``.
+
+    ``in_shape`` is ``(in,)`` for a linear layer or an embedding (PEFT's ``lora_embedding_A`` is
+    ``[rank, num_embeddings]``, ``lora_embedding_B`` ``[embedding_dim, rank]``) and ``(in, *kernel)`` for a
+    convolution of any dimension (Conv1d ``(in, k)``, Conv2d ``(in, kh, kw)``, Conv3d ``(in, kt, kh, kw)``),
+    whose up factor is a 1x1 convolution: ``up_tail`` is then ``(1,) * len(kernel)``.
+    """
 
     name: str
     down_key: str
@@ -104,8 +150,9 @@ class LoraModule:
         return [self.out_features, *self.in_shape]
 
     @property
-    def is_conv(self) -> bool:
-        return len(self.in_shape) == 3
+    def up_tail(self) -> tuple[int, ...]:
+        """The up factor's trailing 1x1 kernel dimensions: ``()`` for linear layers."""
+        return (1,) * (len(self.in_shape) - 1)
 
 
 @dataclass(frozen=True)
@@ -116,15 +163,26 @@ class LoraFile:
     header: Header
     layout: Layout
     flavour: str
+    family: str
     modules: tuple[LoraModule, ...]
     passthrough: tuple[str, ...]
 
 
+def model_family(module_names: list[str]) -> str:
+    """The model family (``"FLUX.1"``, ``"SDXL"``, ...) a LoRA with these module names was trained for, from the
+    first :data:`MODEL_FAMILIES` row any name matches; ``"unknown"`` when none does."""
+    return next(
+        (family for family, pattern in MODEL_FAMILIES if any(re.search(pattern, name) for name in module_names)),
+        "unknown",
+    )
+
+
 def _match_factor(key: str) -> tuple[Layout, str, str] | None:
     for layout in LAYOUTS:
-        for role, suffix in (("down", layout.down_suffix), ("up", layout.up_suffix)):
-            if key.endswith(suffix) and layout.module_pattern.fullmatch(key[: -len(suffix)]):
-                return layout, key[: -len(suffix)], role
+        for pair in layout.pairs:
+            for role, suffix in zip(("down", "up"), pair):
+                if key.endswith(suffix) and layout.module_pattern.fullmatch(key[: -len(suffix)]):
+                    return layout, key[: -len(suffix)], role
     return None
 
 
@@ -160,14 +218,18 @@ def parse_lora(path: str | Path, header: Header) -> LoraFile:
         _module(path.name, layout, name, roles, header.tensors) for (_, name), roles in sorted(factors.items())
     )
     used = {key for m in modules for key in (m.down_key, m.up_key, m.alpha_key) if key}
+    names = [m.name for m in modules]
     flavour = next(
-        label for name, pattern, label in FLAVOURS if name == layout.name and re.search(pattern, modules[0].name)
+        label
+        for name, pattern, label in FLAVOURS
+        if name == layout.name and any(re.search(pattern, module) for module in names)
     )
     return LoraFile(
         path=path,
         header=header,
         layout=layout,
         flavour=flavour,
+        family=model_family(names),
         modules=modules,
         passthrough=tuple(key for key in keys if key not in used),
     )
@@ -181,11 +243,10 @@ def _module(file: str, layout: Layout, name: str, roles: dict[str, str], tensors
     for key, info in ((roles["down"], down), (roles["up"], up)):
         if info.dtype not in FACTOR_DTYPES:
             raise LoraError(f"{file}: LoRA factor {key!r} has dtype {info.dtype}; expected fp16, bf16 or fp32")
-    conv_up = len(up.shape) == 4 and up.shape[2:] == (1, 1)
-    if not (len(down.shape) in (2, 4) and (len(up.shape) == 2 or conv_up) and len(down.shape) == len(up.shape)):
+    if not (2 <= len(down.shape) <= 5 and len(up.shape) == len(down.shape) and set(up.shape[2:]) <= {1}):
         raise LoraError(
-            f"{file}: module {name!r} has factor shapes {list(down.shape)} and {list(up.shape)},"
-            " which are not a LoRA pair"
+            f"{file}: module {name!r} has factor shapes {list(down.shape)} and {list(up.shape)}, which are not a"
+            " LoRA pair (down [rank, in] or [rank, in, *kernel] with up [out, rank] or [out, rank, 1, ...])"
         )
     rank = down.shape[0]
     if up.shape[1] != rank:
@@ -194,8 +255,11 @@ def _module(file: str, layout: Layout, name: str, roles: dict[str, str], tensors
         raise LoraError(f"{file}: module {name!r} has an empty factor (rank {rank})")
     alpha_key = name + layout.alpha_suffix
     if alpha_key in tensors:
-        if math.prod(tensors[alpha_key].shape) != 1 or tensors[alpha_key].dtype not in FACTOR_DTYPES:
-            raise LoraError(f"{file}: {alpha_key!r} must be a single float")
+        if math.prod(tensors[alpha_key].shape) != 1 or tensors[alpha_key].dtype not in ALPHA_DTYPES:
+            raise LoraError(
+                f"{file}: {alpha_key!r} must be a single number, not {tensors[alpha_key].dtype}"
+                f" {list(tensors[alpha_key].shape)}"
+            )
     else:
         alpha_key = None
     return LoraModule(

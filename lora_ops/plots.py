@@ -170,11 +170,12 @@ def inspect_markdown(report: dict) -> str:
     """A short Markdown summary of an `inspect_file` report: format, size, ranks, scale and trainer metadata."""
     ranks = ", ".join(f"{rank} ({count} layers)" for rank, count in sorted(report["ranks"].items(), key=_rank_key))
     lines = [
-        f"**{report['file']}**: {report['flavour']} (`{report['layout']}` layout), {report['dtype']}, "
-        f"{_megabytes(report['bytes'])}",
+        f"**{report['file']}**: {report['flavour']} (`{report['layout']}` layout) for {report['family']},"
+        f" {report['dtype']}, {_megabytes(report['bytes'])}",
         f"- {report['modules']} LoRA modules, rank {ranks}; {report['passthrough']} tensors passed through",
         f"- scale from: {report['scale_source']}",
         f"- sha256 `{report['sha256']}`",
+        *warning_lines(report),
     ]
     metadata = report.get("metadata") or {}
     if metadata:
@@ -192,8 +193,13 @@ def resize_markdown(report: dict) -> str:
         f"{_megabytes(report['bytes_in'])} → {_megabytes(report['bytes_out'])} "
         f"({report['bytes_out'] / max(report['bytes_in'], 1):.0%}) in {report['seconds']:.1f} s\n\n"
         f"worst layer error **{report['worst_error']:.2%}** (`{report['worst_layer']}`), "
-        f"median **{report['median_error']:.2%}**"
+        f"median **{report['median_error']:.2%}**" + "".join(f"\n{line}" for line in warning_lines(report))
     )
+
+
+def warning_lines(report: dict) -> list[str]:
+    """The report's consumer warnings as Markdown list items (the lines are lora_ops' own text, no file text)."""
+    return [f"- ⚠️ {line}" for line in report.get("warnings", [])]
 
 
 def card_metrics(metrics: dict) -> dict[str, float | str]:

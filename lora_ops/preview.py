@@ -87,7 +87,7 @@ Pro 6000: the MLPs grow with the pixel count, attention with its square. Estimat
 
 FLUX_FLAVOURS = frozenset(
     {
-        "diffusers/PEFT (FLUX transformer)",
+        "diffusers/PEFT (transformer)",
         "kohya sd-scripts (FLUX)",
         "OneTrainer",
         "ComfyUI / BFL names",
@@ -431,8 +431,10 @@ def _check_request(
 def _checked_lora(path: str | Path) -> tuple[LoraRef, dict]:
     """The file as the core reads it (refusing what it refuses), refused too if it is not a FLUX.1 LoRA."""
     report = inspect_file(path)
-    if report["flavour"] not in FLUX_FLAVOURS:
-        raise LoraError(f"{report['file']} is a {report['flavour']} file; the preview renders FLUX.1 LoRAs only")
+    if report["family"] != "FLUX.1" or report["flavour"] not in FLUX_FLAVOURS:
+        raise LoraError(
+            f"{report['file']} is a {report['flavour']} file for {report['family']}; the preview renders FLUX.1 LoRAs only"
+        )
     return LoraRef(str(Path(path).resolve()), report["sha256"]), report
 
 

@@ -15,17 +15,28 @@ import torch
 from torch import Tensor
 
 from . import __version__, linalg
+from .consumers import ScaleReading, consumer_warnings
 from .digest import file_sha256
 from .errors import LoraError
 from .files import DEFAULT_LIMITS, TORCH_DTYPES, Limits, TensorInfo, open_tensors, read_header
 from .layouts import LoraFile, LoraModule, parse_lora
 from .options import MAX_RANK, ResizeOptions
 from .ranks import energy_rank, threshold_ranks
-from .scales import PEFT_CONFIG_NAME, load_peft_config, module_scales
+from .scales import (
+    FROM_ALPHA_TENSORS,
+    FROM_DIFFUSERS_METADATA,
+    FROM_METADATA_ALPHA,
+    PEFT_CONFIG_NAME,
+    diffusers_metadata,
+    load_peft_config,
+    module_scales,
+    split_component,
+)
 from .threads import in_order, workers
 from .writer import (
     PROVENANCE_PREFIX,
     Provenance,
+    alpha_dtype,
     build_metadata,
     lora_output,
     output_alpha,
@@ -46,7 +57,11 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class _Source:
-    """An input file, opened and understood: layout, per-module scales and alpha dtype."""
+    """An input file, opened and understood: layout, per-module scales and alpha dtype.
+
+    ``carries_alpha``: per module, whether its scale comes from an alpha (its ``.alpha`` tensor, or the
+    metadata's ``alpha`` entry) that the output must carry too, rather than from a config.
+    """
 
     lora: LoraFile
     scales: list[float]
@@ -54,6 +69,12 @@ class _Source:
     alpha_dtype: torch.dtype
     peft_config: dict | None
     peft_config_path: Path | None
+    carries_alpha: list[bool]
+    alphas: dict[str, float]
+
+    def warnings(self) -> list[str]:
+        """A line for each known consumer that reads this input differently from its format's owner."""
+        return consumer_warnings(ScaleReading(self.lora, self.scales, self.scale_source, self.alphas))
 
 
 def _check_work(lora: LoraFile, limits: Limits, rank_out: int) -> None:
@@ -91,7 +112,22 @@ def _open_source(path: str | Path, config: str | Path | None, limits: Limits, ra
             alphas[module.name], alpha_dtype = float(alpha.reshape(-1)[0]), alpha.dtype
     peft_config, peft_config_path = load_peft_config(lora, config)
     scales, scale_source = module_scales(lora, alphas, peft_config)
-    return _Source(lora, scales, scale_source, alpha_dtype, peft_config, peft_config_path)
+    carries = _alpha_carriers(lora, scale_source)
+    return _Source(lora, scales, scale_source, alpha_dtype, peft_config, peft_config_path, carries, alphas)
+
+
+def _alpha_carriers(lora: LoraFile, scale_source: str) -> list[bool]:
+    """Per module, whether its scale is read from an alpha: with alpha tensors, the modules that have one (and,
+    under ``lora_adapter_metadata``, those of components the metadata does not describe); with the metadata's
+    ``alpha`` entry, every module."""
+    if scale_source == FROM_METADATA_ALPHA:
+        return [True] * len(lora.modules)
+    described: set[str] = set()
+    if scale_source == FROM_DIFFUSERS_METADATA:
+        described = {key.partition(".")[0] for key in diffusers_metadata(lora) or {}}
+    elif scale_source != FROM_ALPHA_TENSORS:
+        return [False] * len(lora.modules)
+    return [m.alpha_key is not None and split_component(m.name)[0] not in described for m in lora.modules]
 
 
 # Storage dtypes whose values float32 holds exactly: their products on the tall factors run in float32.
@@ -279,26 +315,44 @@ def _check_destination(source: Path, destination: Path, peft_config_path: Path |
         )
 
 
+def _output_alphas(source: _Source, ranks: list[int]) -> tuple[float | None, dict[str, Tensor]]:
+    """The alpha the output carries (``None``: every scale is folded into the factors) and its alpha tensors by key:
+    the new alpha for each module that carries one, the input's own tensor for a module whose alpha a config
+    overrides (kept as it was, so that the key set keeps its shape)."""
+    lora, carries = source.lora, source.carries_alpha
+    if not any(carries):
+        alpha = None
+    else:
+        alpha = output_alpha([s for s, c in zip(source.scales, carries) if c], [k for k, c in zip(ranks, carries) if c])
+    dtype = alpha_dtype(alpha, source.alpha_dtype) if alpha is not None else None
+    handle = open_tensors(lora.path, lora.header)
+    tensors = {}
+    for module, carries_alpha in zip(lora.modules, carries):
+        if module.alpha_key is None:
+            continue
+        stored = handle.get_tensor(module.alpha_key)
+        tensors[module.alpha_key] = torch.full(stored.shape, alpha, dtype=dtype) if carries_alpha else stored
+    return alpha, tensors
+
+
 def _output_specs(
-    source: _Source, ranks: list[int], options: ResizeOptions, alpha: float | None
+    source: _Source, ranks: list[int], options: ResizeOptions, alphas: dict[str, Tensor]
 ) -> dict[str, TensorInfo]:
-    """Every tensor the output will hold: passthrough as is, factors at their new ranks, alphas if written."""
+    """Every tensor the output will hold: passthrough as is, factors at their new ranks, ``alphas``."""
     lora = source.lora
     specs = {key: lora.header.tensors[key] for key in lora.passthrough}
     for module, rank in zip(lora.modules, ranks):
-        conv_tail = (1, 1) if module.is_conv else ()
         specs[module.down_key] = TensorInfo.of(_out_dtype(options, module.down_dtype), (rank, *module.in_shape))
         specs[module.up_key] = TensorInfo.of(
-            _out_dtype(options, module.up_dtype), (module.out_features, rank, *conv_tail)
+            _out_dtype(options, module.up_dtype), (module.out_features, rank, *module.up_tail)
         )
-        if alpha is not None:
-            specs[module.name + lora.layout.alpha_suffix] = TensorInfo.of(source.alpha_dtype, ())
+    specs.update({key: TensorInfo.of(alpha.dtype, tuple(alpha.shape)) for key, alpha in alphas.items()})
     return specs
 
 
-def _out_scale(alpha: float | None, rank: int) -> float:
-    """The scale a loader applies to the written factors: ``alpha / rank`` where the layout stores an alpha."""
-    return alpha / rank if alpha is not None else 1.0
+def _out_scale(alpha: float | None, rank: int, carries_alpha: bool) -> float:
+    """The scale a loader applies to a module's written factors: ``alpha / rank`` where it carries an alpha."""
+    return alpha / rank if carries_alpha and alpha is not None else 1.0
 
 
 def resize_file(
@@ -325,9 +379,8 @@ def resize_file(
     _check_destination(src, dst, source.peft_config_path)
     lora = source.lora
     ranks = _choose_ranks(source, options)
-    alpha = None
-    if lora.layout.writes_alpha:
-        alpha = torch.tensor(output_alpha(source.scales, ranks), dtype=source.alpha_dtype).item()
+    alpha, alpha_tensors = _output_alphas(source, ranks)
+    out_scales = [_out_scale(alpha, rank, c) for rank, c in zip(ranks, source.carries_alpha)]
     layers: list[dict] = [{}] * len(lora.modules)
     done = 0
     with ThreadPoolExecutor(max_workers=1) as hasher:
@@ -340,11 +393,11 @@ def resize_file(
             source_sha256=SHA256_PLACEHOLDER,
             source_ranks=rank_histogram([m.rank for m in lora.modules]),
         )
-        metadata = build_metadata(lora, ranks, alpha, provenance)
-        specs = _output_specs(source, ranks, options, alpha)
+        metadata = build_metadata(lora, ranks, alpha, source.scale_source, provenance)
+        specs = _output_specs(source, ranks, options, alpha_tensors)
         late = lambda: {PROVENANCE_PREFIX + "source_sha256": sha256.result()}  # noqa: E731
         handle = open_tensors(src, lora.header)
-        folds = [scale / _out_scale(alpha, rank) for scale, rank in zip(source.scales, ranks)]
+        folds = [scale / out_scale for scale, out_scale in zip(source.scales, out_scales)]
         with lora_output(dst, specs, metadata, late) as output:
             for key in lora.passthrough:
                 output.put(key, handle.get_tensor(key))
@@ -354,15 +407,13 @@ def resize_file(
             resized = in_order(lambda job: _resize_batch(*job, options), jobs, workers(options.device))
             for batch, results in zip(batches, resized):
                 for index, (layer, down, up) in zip(batch, results):
-                    module, out_scale = lora.modules[index], _out_scale(alpha, ranks[index])
-                    layer["singular_values"] = [v * out_scale for v in layer["singular_values"]]
+                    module = lora.modules[index]
+                    layer["singular_values"] = [v * out_scales[index] for v in layer["singular_values"]]
                     layers[index] = layer
                     output.put(module.down_key, down)
                     output.put(module.up_key, up)
-                    if alpha is not None:
-                        output.put(
-                            module.name + lora.layout.alpha_suffix, torch.tensor(alpha, dtype=source.alpha_dtype)
-                        )
+                    if module.alpha_key:
+                        output.put(module.alpha_key, alpha_tensors[module.alpha_key])
                     done += 1
                     if progress:
                         progress(done, len(lora.modules))
@@ -376,6 +427,8 @@ def resize_file(
     return {
         "layout": lora.layout.name,
         "flavour": lora.flavour,
+        "family": lora.family,
+        "warnings": source.warnings(),
         "method": options.method,
         "params": options.parameters(),
         "scale_source": source.scale_source,
@@ -424,8 +477,9 @@ def _resize_batch(
             "energy_retained": 1 - error**2,
             "singular_values": s[s > 0].tolist(),
         }
-        conv_tail = (1, 1) if module.is_conv else ()
-        results.append((row, down.reshape(rank, *module.in_shape), up.reshape(module.out_features, rank, *conv_tail)))
+        results.append(
+            (row, down.reshape(rank, *module.in_shape), up.reshape(module.out_features, rank, *module.up_tail))
+        )
     return results
 
 
@@ -441,6 +495,8 @@ def inspect_file(path: str | Path, *, config: str | Path | None = None, limits: 
         "sha256": file_sha256(lora.path),
         "layout": lora.layout.name,
         "flavour": lora.flavour,
+        "family": lora.family,
+        "warnings": source.warnings(),
         "dtype": DTYPE_LABELS[max(set(dtypes), key=dtypes.count)],
         "modules": len(lora.modules),
         "ranks": rank_histogram([m.rank for m in lora.modules]),

@@ -2,7 +2,9 @@
 
 Priority, as the loaders apply it: a PEFT ``adapter_config.json`` (given, or lying next to the file) for
 ``lora_A``/``lora_B`` files; else diffusers' ``lora_adapter_metadata`` in the safetensors metadata;
-else ``.alpha`` tensors (``scale = alpha / rank``); else 1.
+else ``.alpha`` tensors (``scale = alpha / rank``); else a plain ``alpha`` entry in the safetensors metadata
+(``alpha / rank`` for every module, as diffusers' ``MiniMaxH3LoraLoaderMixin.lora_state_dict`` reads it);
+else 1. Where the scale came from is also where a resized file keeps it (:mod:`lora_ops.writer`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 # rank_pattern / alpha_pattern keys read: module names as PEFT and diffusers write them. Each is matched as a
 # regular expression, so anything richer (groups, quantifiers) could backtrack exponentially: refused.
 MODULE_PATTERN = re.compile(r"\^?[\w.\-:]{1,512}")
+METADATA_ALPHA_KEY = "alpha"
 PEFT_CONFIG_NAME = "adapter_config.json"
+# Where a file keeps its scale (``module_scales``' second value, the reports' ``scale_source``).
+FROM_PEFT_CONFIG = "PEFT adapter_config.json"
+FROM_DIFFUSERS_METADATA = DIFFUSERS_METADATA_KEY
+FROM_ALPHA_TENSORS = "alpha tensors"
+FROM_METADATA_ALPHA = "metadata alpha"
+FROM_NOTHING = "none (scale 1)"
 PEFT_PREFIX = "base_model.model."
 # Largest |scale| (alpha / rank) accepted; real files stay within 0.01-100. Beyond it float64 products can overflow.
 MAX_SCALE = 1e6
@@ -116,17 +125,31 @@ def module_scales(lora: LoraFile, alphas: dict[str, float], peft_config: dict | 
     return scales, source
 
 
+def metadata_alpha(lora: LoraFile) -> float | None:
+    """The number in the safetensors metadata's ``alpha`` entry, if it has one that reads as a number.
+
+    diffusers' MiniMax-H3 loader ignores an entry that is not a number (with a warning), and so does this.
+    """
+    try:
+        return float(lora.header.metadata[METADATA_ALPHA_KEY])
+    except (KeyError, ValueError):
+        return None
+
+
 def _scales(lora: LoraFile, alphas: dict[str, float], peft_config: dict | None) -> tuple[list[float], str]:
     if peft_config is not None:
         view = LoraConfigView.from_dict(peft_config, PEFT_CONFIG_NAME)
         scales = [view.scale(m.name.removeprefix(PEFT_PREFIX), m.rank, PEFT_CONFIG_NAME) for m in lora.modules]
-        return scales, "PEFT adapter_config.json"
+        return scales, FROM_PEFT_CONFIG
     metadata = diffusers_metadata(lora)
     if metadata is not None:
-        return [_metadata_scale(lora, metadata, m, alphas) for m in lora.modules], DIFFUSERS_METADATA_KEY
+        return [_metadata_scale(lora, metadata, m, alphas) for m in lora.modules], FROM_DIFFUSERS_METADATA
     if alphas:
-        return [_alpha_scale(lora, m, alphas.get(m.name)) for m in lora.modules], "alpha tensors"
-    return [1.0] * len(lora.modules), "none (scale 1)"
+        return [_alpha_scale(lora, m, alphas.get(m.name)) for m in lora.modules], FROM_ALPHA_TENSORS
+    alpha = metadata_alpha(lora)
+    if alpha is not None:
+        return [_alpha_scale(lora, m, alpha) for m in lora.modules], FROM_METADATA_ALPHA
+    return [1.0] * len(lora.modules), FROM_NOTHING
 
 
 def _metadata_scale(lora: LoraFile, metadata: dict, module: LoraModule, alphas: dict[str, float]) -> float:

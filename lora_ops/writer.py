@@ -1,9 +1,18 @@
 """Writing a resized file in its input's layout: the alpha policy, regenerated metadata, atomic replace.
 
-The policy per layout follows ``shared/notes/lora-formats.md``: ``lora_A``/``lora_B`` and the processor
-layouts fold the whole scale into the factors and write no alpha; the kohya family writes one constant
-``.alpha`` for every module and folds ``alpha / rank`` into the factors. Metadata that describes the
-ranks is regenerated (never left stale), and provenance is added under ``lora_resizer.*``.
+The rule: **a resized file carries its scale the way its input did**, because loaders recognise formats by
+the keys that exist (diffusers' Qwen-Image and Z-Image loaders add the ``transformer.`` prefix to unprefixed
+``lora_A``/``lora_B`` files only when they have ``.alpha`` keys). Only the rank dimension and the values change:
+
+- ``.alpha`` tensors: every module that had one gets one, all of one value (:func:`output_alpha`) in a dtype that
+  holds it exactly (:func:`alpha_dtype`); what that alpha does not give a module is folded into its factors.
+- a plain ``alpha`` metadata entry: rewritten with that value.
+- ``lora_adapter_metadata`` or a PEFT ``adapter_config.json``: regenerated with the new ranks and
+  ``lora_alpha = r``, the scale folded into the factors.
+- nothing: the scale is folded into the factors.
+
+Other metadata that describes the ranks is regenerated (never left stale), and provenance is added under
+``lora_resizer.*``.
 """
 
 from __future__ import annotations
@@ -19,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import torch
+
 from .files import TensorInfo
 from .layouts import LoraFile
 from .safetensors_writer import SafetensorsWriter, header_bytes
-from .scales import DIFFUSERS_METADATA_KEY, PEFT_PREFIX, split_component
+from .scales import DIFFUSERS_METADATA_KEY, FROM_METADATA_ALPHA, METADATA_ALPHA_KEY, PEFT_PREFIX, split_component
 
 PROVENANCE_PREFIX = "lora_resizer."
 KOHYA_PREFIX = "ss_"
@@ -44,12 +55,29 @@ class Provenance:
 
 
 def output_alpha(scales: list[float], ranks: list[int]) -> float:
-    """The one alpha a kohya-family output carries: the most common ``scale * new_rank``.
+    """The one alpha an output that carries alphas writes: the most common non-zero ``scale * new_rank``.
 
     The loader computes ``alpha / rank``; with this alpha the most common modules need no folding at all,
-    so their factors can stay bit-identical (upsampling) and the scale stays what the user had.
+    so their factors can stay bit-identical (upsampling) and the scale stays what the user had. One value
+    for every module, because diffusers applies per-module alphas of SD files to the wrong modules
+    (``get_peft_kwargs``' ``alpha_pattern``). Never 0: sd-scripts reads ``alpha = 0`` as ``alpha = rank``.
     """
-    return Counter(s * k for s, k in zip(scales, ranks)).most_common(1)[0][0]
+    products = Counter(s * k for s, k in zip(scales, ranks) if s * k != 0)
+    return products.most_common(1)[0][0] if products else float(ranks[0])
+
+
+def alpha_dtype(alpha: float, preferred: torch.dtype) -> torch.dtype:
+    """The dtype an alpha tensor is written in: the input's (``preferred``) when it holds ``alpha`` exactly, else
+    float32 when that does, else float64. So ``alpha / rank`` gives the loader the exact scale: an alpha of 7.3
+    stored as bf16 (7.3125) at rank 16, upsampled to rank 24, needs 10.96875, which bf16 cannot hold."""
+    return next(
+        dtype for dtype in (preferred, torch.float32, torch.float64) if torch.tensor(alpha, dtype=dtype).item() == alpha
+    )
+
+
+def number_text(value: float) -> str:
+    """A number as metadata text that reads back exactly: ``"2"``, ``"10.96875"``."""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def rank_histogram(ranks: list[int]) -> dict[str, int]:
@@ -120,9 +148,14 @@ def _update_cloneofsimo(metadata: dict[str, str], lora: LoraFile, ranks: list[in
             metadata[f"{module.name}:rank"] = str(rank)
 
 
-def build_metadata(lora: LoraFile, ranks: list[int], alpha: float | None, provenance: Provenance) -> dict[str, str]:
-    """The output's ``__metadata__``: the input's, with rank-describing entries regenerated and provenance added."""
+def build_metadata(
+    lora: LoraFile, ranks: list[int], alpha: float | None, scale_source: str, provenance: Provenance
+) -> dict[str, str]:
+    """The output's ``__metadata__``: the input's, with rank- and scale-describing entries regenerated (``alpha``,
+    the output's alpha, where ``scale_source`` says the input kept its scale in the metadata) and provenance."""
     metadata = {k: v for k, v in lora.header.metadata.items() if not k.startswith(PROVENANCE_PREFIX)}
+    if scale_source == FROM_METADATA_ALPHA and alpha is not None:
+        metadata[METADATA_ALPHA_KEY] = number_text(alpha)
     _regenerate_diffusers(metadata, lora, ranks)
     _update_kohya(metadata, ranks, alpha, provenance)
     _update_cloneofsimo(metadata, lora, ranks)
