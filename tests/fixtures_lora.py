@@ -34,6 +34,7 @@ class LayoutCase:
     up: str = ".lora_B.weight"
     alpha_suffix: str = ".alpha"
     alpha: float | None = None
+    alpha_dtype: torch.dtype | None = None
     kohya: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict | None = None
@@ -42,10 +43,11 @@ class LayoutCase:
     conv: bool = False
     dtype: torch.dtype = torch.float32
     zero_module: int | None = None
+    module_shapes: tuple[tuple[int, ...], ...] | None = None
 
     def shapes(self) -> list[tuple[int, ...]]:
-        """Per module ``(out, *in_shape, rank)``."""
-        base = CONV_SHAPES if self.conv else SHAPES
+        """Per module ``(out, *in_shape, rank)``: ``module_shapes``, else the linear or the conv shapes."""
+        base = self.module_shapes or (CONV_SHAPES if self.conv else SHAPES)
         ranks = self.ranks or [shape[-1] for shape in base]
         return [(*shape[:-1], rank) for shape, rank in zip(base, ranks)]
 
@@ -220,6 +222,40 @@ CASES = (
         dtype=torch.float16,
     ),
     LayoutCase(
+        # Qwen-Image / Z-Image trainers: no prefix, `.alpha` tensors (diffusers recognises the file by them); an
+        # alpha that is exact in bf16 but whose value at another rank (7.3125 * 9 / 6) is not.
+        "qwen-unprefixed-alpha-bf16",
+        ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.img_mlp.net.2", "transformer_blocks.0.txt_mod.1"),
+        alpha=7.3125,
+        dtype=torch.bfloat16,
+    ),
+    LayoutCase(
+        "kohya-int-alpha",
+        ("lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_mlp_2", "lora_unet_final_layer"),
+        down=".lora_down.weight",
+        up=".lora_up.weight",
+        alpha=4,
+        alpha_dtype=torch.int64,
+        kohya=True,
+    ),
+    LayoutCase(
+        # Video models' Conv3d ([r, in, kt, kh, kw], up [out, r, 1, 1, 1]) and a Conv1d beside a linear layer.
+        "kohya-conv3d-conv1d",
+        ("lora_unet_blocks_0_ffn_0", "lora_unet_patch_embedding", "lora_unet_audio_conv"),
+        down=".lora_down.weight",
+        up=".lora_up.weight",
+        alpha=3.0,
+        kohya=True,
+        module_shapes=((24, 16, 6), (12, 4, 2, 3, 3, 6), (8, 4, 3, 6)),
+    ),
+    LayoutCase(
+        # MiniMax-H3 LoRAs may keep their alpha in the safetensors metadata only.
+        "minimax-metadata-alpha-bf16",
+        ("transformer.blocks.0.attn.to_q", "transformer.blocks.0.attn.to_k", "transformer.blocks.0.ff.up"),
+        metadata={"alpha": "2"},
+        dtype=torch.bfloat16,
+    ),
+    LayoutCase(
         "diffusers-zero-layer-bf16", FLUX_NAMES + ("transformer.norm_out.linear",), zero_module=1, dtype=torch.bfloat16
     ),
 )
@@ -235,15 +271,13 @@ class LoraFixture:
     deltas: dict[str, torch.Tensor]
 
 
-def _factors(shape: tuple[int, ...], conv: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random factors whose product has a decaying spectrum: ``down [r, in(, kh, kw)]``, ``up [out, r(, 1, 1)]``."""
+def _factors(shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random factors whose product has a decaying spectrum: ``down [r, in, *kernel]``, ``up [out, r, 1, ...]``."""
     out, *in_shape, rank = shape
     decay = torch.tensor([0.7**i for i in range(rank)], dtype=torch.float64)
     down = torch.randn(rank, math.prod(in_shape), generator=generator, dtype=torch.float64) * decay[:, None]
     up = torch.randn(out, rank, generator=generator, dtype=torch.float64)
-    if conv:
-        return down.reshape(rank, *in_shape), up.reshape(out, rank, 1, 1)
-    return down, up
+    return down.reshape(rank, *in_shape), up.reshape(out, rank, *(1,) * (len(in_shape) - 1))
 
 
 def write_case(case: LayoutCase, folder: Path, seed: int = 0) -> LoraFixture:
@@ -252,13 +286,13 @@ def write_case(case: LayoutCase, folder: Path, seed: int = 0) -> LoraFixture:
     tensors: dict[str, torch.Tensor] = {}
     deltas = {}
     for index, (name, shape) in enumerate(zip(case.modules, case.shapes())):
-        down, up = _factors(shape, case.conv, generator)
+        down, up = _factors(shape, generator)
         if index == case.zero_module:
             up = torch.zeros_like(up)
         down, up = down.to(case.dtype), up.to(case.dtype)
         tensors[name + case.down], tensors[name + case.up] = down, up
         if case.alpha is not None:
-            tensors[name + case.alpha_suffix] = torch.tensor(case.alpha, dtype=case.dtype)
+            tensors[name + case.alpha_suffix] = torch.tensor(case.alpha, dtype=case.alpha_dtype or case.dtype)
         scale = _true_scale(case, name, shape[-1])
         deltas[name] = scale * _product(down.double(), up.double())
     for key in case.extra:
@@ -279,6 +313,8 @@ def _true_scale(case: LayoutCase, name: str, rank: int) -> float:
         return 5 / math.sqrt(rank)
     if case.name == "peft-config":
         return (3 if name.endswith("q_lin") else 12) / rank
+    if "alpha" in case.metadata:
+        return float(case.metadata["alpha"]) / rank
     if case.alpha is None:
         return 1.0
     return 1.0 if case.alpha == 0 and case.kohya else case.alpha / rank
@@ -294,12 +330,13 @@ def read_deltas(path: Path, case: LayoutCase) -> dict[str, torch.Tensor]:
     """Every module's delta as the case's loaders compute it from the file at ``path`` (float64).
 
     Scale: ``lora_adapter_metadata`` or an ``adapter_config.json`` beside the file (PEFT's pattern
-    matching), else ``.alpha`` tensors (kohya family: alpha 0 means alpha = rank), else 1.
+    matching), else ``.alpha`` tensors (kohya family: alpha 0 means alpha = rank), else the metadata's ``alpha``, else 1.
     """
     deltas = {}
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
-        config = _config_fields(path, handle.metadata() or {})
+        metadata = handle.metadata() or {}
+        config = _config_fields(path, metadata)
         for name in case.modules:
             down = handle.get_tensor(name + case.down).double()
             up = handle.get_tensor(name + case.up).double()
@@ -321,6 +358,8 @@ def read_deltas(path: Path, case: LayoutCase) -> dict[str, torch.Tensor]:
             elif alpha_key in keys:
                 alpha = handle.get_tensor(alpha_key).item()
                 scale = 1.0 if alpha == 0 and case.kohya else alpha / rank
+            elif "alpha" in metadata:  # diffusers' MiniMax-H3 loader: a uniform network alpha
+                scale = float(metadata["alpha"]) / rank
             else:
                 scale = 1.0
             deltas[name] = scale * _product(down, up)
