@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.fixtures_app import EXAMPLE_LORA, GATED_READER_TOKEN, GATED_REPO, LICENSE, PUBLIC_REPO
+from tests.fixtures_lora import CASE_BY_NAME, write_case
 
 ROOT = Path(__file__).resolve().parent.parent
 RESIZE_PARAMETERS = ["lora_file", "method", "rank", "niter", "density", "seed", "energy"]
@@ -168,6 +169,15 @@ def test_bad_input_gets_one_line_and_the_server_stays_healthy(app_client, app_mo
     assert _leftovers(app_module) == before
     assert garbage.read_bytes() == b"this is not a safetensors file at all"
     assert app_client.predict(handle_file(str(EXAMPLE_LORA)), api_name="/inspect")["ranks"] == {"8": 20}
+
+
+def test_consumer_warnings_reach_the_page_and_api_clients(app_client, app_module, tmp_path):
+    fixture = write_case(CASE_BY_NAME["kohya-zero-alpha"], tmp_path)
+    (warning,) = app_client.predict(handle_file(str(fixture.path)), api_name="/inspect")["warnings"]
+    assert "sd-scripts reads it as alpha = rank" in warning
+    _, report = app_client.predict(lora_file=handle_file(str(fixture.path)), rank=2, api_name="/resize")
+    assert report["warnings"] == [warning]
+    assert warning in app_module.plots.resize_markdown(report)
 
 
 def test_inspect_refuses_a_file_that_is_not_a_lora(app_client, tmp_path):
