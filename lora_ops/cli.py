@@ -1,6 +1,7 @@
 """Command line: ``python -m lora_ops inspect FILE`` and ``python -m lora_ops resize IN -o OUT --rank R``.
 
-User errors print one line ``error: ...`` on stderr and exit with status 2; nothing is written.
+User errors print one line ``error: ...`` on stderr and exit with status 2; nothing is written. SIGINT and
+SIGTERM stop a run with one line and the status 128 + the signal's number (130, 143), leaving no temporary file.
 torch is imported only once the arguments are read and the input's hashing has started (see :func:`main`).
 """
 
@@ -9,18 +10,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import __version__
+from .atomic import same_file, write_json
 from .digest import hash_ahead
 from .errors import LoraError
 from .options import METHODS, OUTPUT_DTYPE_NAMES, ResizeOptions
 from .sizes import format_size, parse_size
 
 EXIT_USER_ERROR = 2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM, so that every ``finally`` and cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,9 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the full report as JSON")
     inspect.add_argument("--config", type=Path, help="PEFT adapter_config.json of the file")
 
-    resize = commands.add_parser("resize", help="write a copy of a LoRA at another rank")
+    resize = commands.add_parser(
+        "resize",
+        help="write a copy of a LoRA at another rank",
+        description="Write a copy of a LoRA at another rank. Give at least one of --rank, --energy, --target-size.",
+    )
     resize.add_argument("input", type=Path)
-    resize.add_argument("-o", "--output", type=Path, required=True)
+    resize.add_argument(
+        "-o", "--output", type=Path, required=True, help="the .safetensors file to write; its folder must exist"
+    )
     resize.add_argument("--rank", type=int, help="every layer gets this rank (caps --energy/--target-size)")
     resize.add_argument("--method", choices=METHODS, default="svd")
     resize.add_argument("--niter", type=int, default=2, help="power iterations (randomized_svd)")
@@ -60,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     resize.add_argument("--target-size", type=_size, help="output size, e.g. 40MB")
     resize.add_argument("--dtype", choices=OUTPUT_DTYPE_NAMES, default="keep")
     resize.add_argument("--config", type=Path, help="PEFT adapter_config.json of the input")
-    resize.add_argument("--report", type=Path, help="write the JSON report here")
+    resize.add_argument("--report", type=Path, help="write the JSON report here (not the input or the output)")
     resize.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     return parser
 
@@ -110,6 +132,8 @@ def _resize(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         device=args.device,
     )
+    if args.report:
+        _check_report_path(args.report, args.input, args.output)
     with tqdm(desc="resizing", unit="layer", file=sys.stderr, disable=None) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -118,7 +142,7 @@ def _resize(args: argparse.Namespace) -> None:
 
         report = resize_file(args.input, args.output, options, config=args.config, progress=progress)
     if args.report:
-        args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.report, report)
     print(
         f"wrote {args.output} ({format_size(report['bytes_in'])} -> {format_size(report['bytes_out'])}),"
         f" ranks {report['rank_in']} -> {report['rank_out']}, {report['method']}:"
@@ -128,8 +152,21 @@ def _resize(args: argparse.Namespace) -> None:
     _print_warnings(report)
 
 
+def _check_report_path(report: Path, source: Path, output: Path) -> None:
+    """Refuse, before anything is written, a report path that is the input or the output (also through links) or
+    that cannot be written."""
+    for path, what in ((source, "input"), (output, "output")):
+        if same_file(report, path):
+            raise LoraError(f"--report {report} is the {what} file; choose another path")
+    if report.is_dir():
+        raise LoraError(f"--report {report} is a folder; give a file name")
+    if not report.parent.is_dir():
+        raise LoraError(f"report folder does not exist: {report.parent} (it is not created; make it first)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
+    previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
     try:
         args = _parser().parse_args(argv)
         if args.command == "resize":
@@ -154,4 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USER_ERROR
+    except Stopped as stopped:
+        print(f"error: stopped by {signal.Signals(stopped.signum).name}; nothing was written", file=sys.stderr)
+        return 128 + stopped.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0

@@ -45,8 +45,8 @@ def _comfyui_ignores_diffusers_metadata(reading: ScaleReading) -> str | None:
         return None
     return (
         f"ComfyUI ignores lora_adapter_metadata and applies scale 1 to this input's {_count(len(scaled), 'module')}"
-        f" that diffusers scales by {_values(scaled)}; the resized file folds the scale into its factors, so"
-        " ComfyUI applies diffusers' scale to it"
+        f" that diffusers scales by {_values(scaled)}, and likewise to the resized file, which keeps its scale in"
+        " the metadata"
     )
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,14 @@ TORCH_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+# What a path that is not a regular file is, in words.
+FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
@@ -106,8 +115,7 @@ def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
     """Read and validate the header of a safetensors file without reading tensor data."""
     path = Path(path)
     _refuse_pickle(path)
-    if not path.is_file():
-        raise LoraError(f"file not found: {path}")
+    _refuse_non_file(path)
     size = path.stat().st_size
     if size == 0:
         raise LoraError(f"{path.name} is empty")
@@ -119,6 +127,11 @@ def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
             raise LoraError(f"{path.name} holds a pickled PyTorch checkpoint; it is not read (only safetensors)")
         if len(prefix) < 8:
             raise LoraError(f"{path.name} is not a safetensors file (only {size} bytes)")
+        if header_bytes > size - 8 and (header_bytes >= 2**32 or prefix.isascii() and prefix.decode().isprintable()):
+            raise LoraError(
+                f"{path.name} is not a safetensors file (it does not start with a header length; its first bytes"
+                f" are {prefix!r})"
+            )
         if header_bytes > size - 8:
             raise LoraError(
                 f"{path.name} is truncated or not a safetensors file: its header claims {header_bytes} bytes"
@@ -135,6 +148,7 @@ def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
         raise LoraError(f"{path.name}: __metadata__ must map strings to strings")
     if len(header) > limits.tensors:
         raise LoraError(f"{path.name} has {len(header)} tensors; the limit is {limits.tensors}")
+    _refuse_unprintable(path.name, header, metadata)
     long_key = next((key for key in header if len(key) > limits.key_chars), None)
     if long_key is not None:
         raise LoraError(
@@ -149,6 +163,39 @@ def read_header(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Header:
     start = 8 + header_bytes
     offsets = {key: start + entry["data_offsets"][0] for key, entry in header.items()}
     return Header(tensors=tensors, metadata=dict(metadata), file_bytes=size, offsets=offsets)
+
+
+def _refuse_non_file(path: Path) -> None:
+    """Refuse what is not a regular file, saying what it is (``stat`` follows symbolic links)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise LoraError(f"file not found: {path}") from None
+    except OSError as error:
+        raise LoraError(f"cannot read {path}: {error.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+        raise LoraError(f"{path} is {kind}, not a LoRA file")
+
+
+def _refuse_unprintable(file: str, header: dict, metadata: dict) -> None:
+    """Refuse tensor names that are not valid UTF-8 text (JSON escapes can smuggle in lone surrogates, which
+    safetensors itself refuses) or that hold control characters (a newline, a terminal escape sequence), and
+    metadata that is not valid UTF-8: no consumer writes them, and printed they would act on the terminal."""
+    for key in header:
+        if not _is_utf8(key) or not key.isprintable():
+            raise LoraError(f"{file}: tensor name {ascii(key)[:80]} holds a control character or is not valid UTF-8")
+    for key, value in metadata.items():
+        if not (_is_utf8(key) and _is_utf8(value)):
+            raise LoraError(f"{file}: metadata entry {ascii(key)[:80]} is not valid UTF-8")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _tensor_info(file: str, key: str, entry: object, limits: Limits) -> TensorInfo:

@@ -59,7 +59,14 @@ LAYOUTS = (
         False,
     ),
     Layout("kohya", ((".lora_down.weight", ".lora_up.weight"),), ANY, ".alpha", True),
-    Layout("diffusers-legacy", ((".lora.down.weight", ".lora.up.weight"),), ANY, ".alpha", False),
+    # diffusers 0.21-0.24 wrote text-encoder pairs as `.lora_linear_layer.down/up` beside UNet `.lora.down/up`.
+    Layout(
+        "diffusers-legacy",
+        ((".lora.down.weight", ".lora.up.weight"), (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")),
+        ANY,
+        ".alpha",
+        False,
+    ),
     Layout("lora-processor", ((".down.weight", ".up.weight"),), re.compile(r".+_lora\d*"), ".alpha", False),
     Layout("cloneofsimo", ((":down", ":up"),), re.compile(r"[A-Za-z_]+:\d+"), ":alpha", False),
 )
@@ -104,6 +111,21 @@ MODEL_FAMILIES = (
     ),
     ("SD 1.x/2.x", rf"(down|up|mid)_blocks?{_SEP}|(input|output|middle)_blocks?{_SEP}|unet|lora_te_"),
     ("CLIP text encoder", rf"lora_te\d?_|text_encoder|text_model{_SEP}encoder"),
+)
+
+# Names that look like a known layout written wrongly (hand-made conversions): (pattern, what is wrong, the fix).
+# They are reported when a file has no LoRA factors, never read by guessing.
+NEAR_MISSES = (
+    (
+        re.compile(r"[^.]_(lora_down|lora_up|lora_A|lora_B)\.weight$"),
+        "join '{0}' to the module name with '_' where every layout has '.'",
+        "rename '<module>_{0}.weight' to '<module>.{0}.weight'",
+    ),
+    (
+        re.compile(r"^lora_(unet|te\d?)_(unet|text_encoder)_"),
+        "repeat the component in their prefix ('lora_{0}_{1}_')",
+        "drop the second one ('lora_{0}_...')",
+    ),
 )
 
 # Adapters that are not plain LoRA: refused by name, never resized.
@@ -193,6 +215,21 @@ def _refuse_foreign(file: str, keys: list[str]) -> None:
                 raise LoraError(f"{file} is a {kind} adapter ({key!r}), not plain LoRA; only LoRA can be resized")
 
 
+def _refuse_near_misses(file: str, keys: list[str]) -> None:
+    """Name every :data:`NEAR_MISSES` problem the file's keys show, each with its fix."""
+    problems = []
+    for pattern, problem, fix in NEAR_MISSES:
+        hits = [(key, match) for key in keys if (match := pattern.search(key))]
+        if hits:
+            key, match = hits[0]
+            problems.append(
+                f"{len(hits)} of its {len(keys)} tensor names, such as {key!r}, {problem.format(*match.groups())}:"
+                f" {fix.format(*match.groups())}"
+            )
+    if problems:
+        raise LoraError(f"{file} holds no LoRA factors in a known layout; " + "; ".join(problems))
+
+
 def parse_lora(path: str | Path, header: Header) -> LoraFile:
     """Pair the file's keys into LoRA modules using its header only; refuse what is not plain LoRA."""
     path = Path(path)
@@ -205,6 +242,7 @@ def parse_lora(path: str | Path, header: Header) -> LoraFile:
             layout, module, role = match
             factors.setdefault((layout.name, module), {})[role] = key
     if not factors:
+        _refuse_near_misses(path.name, keys)
         example = f" (e.g. {keys[0]!r})" if keys else ""
         raise LoraError(
             f"{path.name} holds no LoRA factors among its {len(keys)} tensors{example}: it is not a LoRA file"

@@ -13,7 +13,9 @@ with the scale folded in.
 Precision: the products on the tall factors run in the factors' dtype, float32 for 16-bit storage (whose
 values float32 holds exactly) and float64 otherwise; everything ``[r, r]`` runs in float64. A float32 Gram
 matrix is exact to about 1e-7 of its largest entry, so directions of a factor below ``sqrt(GRAM_RTOL)`` of its
-largest singular value are numerical zeros there (3e-3 for float32, 1e-6 for float64).
+largest singular value are numerical zeros there (3e-3 for float32, 1e-6 for float64). That is enough unless a
+reduction keeps, or hides, directions near that floor (nearly low-rank layers): :func:`float32_suffices` finds
+those deltas from the float32 result, and the caller solves them again from float64 factors.
 
 How the factors share the singular values is a fixed choice: the SVD-based methods put ``sqrt(S)`` on
 both sides (balanced factors, the same magnitude in A and B, which suits further fine-tuning and
@@ -23,13 +25,32 @@ low-precision storage); the projections keep A's row scale and fold ``scale`` in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 # Gram eigenvalues below this share of the largest are numerical zeros, by the dtype of the tall products.
 GRAM_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+# When a float32 solution (16-bit factors) is as good as a float64 one; see float32_suffices for the arithmetic.
+# Error of a float32 Gram matrix of 16-bit factors, as a share of its largest eigenvalue: measured 0.6e-7 to
+# 1.5e-7 (spectral norm) for n = 320 .. 18432, about sqrt(n) float32 roundings of 6e-8; taken 10x larger.
+FLOAT32_GRAM_ERROR = 1e-6
+# A reduction whose smallest kept eigenvalue of ``K K^T`` (``s_k^2``) is at least this share of the largest is
+# resolved in float32: 100x FLOAT32_GRAM_ERROR, so every kept ``s^2`` carries at most 1% error, and 10x above the
+# float32 GRAM_RTOL, below which float32 drops directions altogether.
+RESOLVED = 1e-4
+# Below RESOLVED, the optimum's own relative error ``e_opt`` (from the float32 spectrum) absorbs the float32 noise
+# when it is at least this large. A Gram error of FLOAT32_GRAM_ERROR s_1^2 mixes a kept direction i with a
+# dropped one j by about FLOAT32_GRAM_ERROR s_1^2 / (s_i^2 - s_j^2), which costs that squared times the gap in
+# squared error; the error itself moves by that over 2 e_opt. With kept s_k^2 >= GRAM_RTOL s_1^2 = 1e-5 s_1^2
+# (float32 keeps it at all) and a gap of that order, that is 16 x 1e-12 / 1e-5 / (2 x 1e-2) = 8e-5 at most for
+# r - k = 16 dropped directions; measured on 270 such layers (tests/test_precision.py's generator): 1.1e-8.
+ABSORBED = 1e-2
+# How much worse than float64 (absolute, in relative-error units) a float32 result may be: 10x below the 1e-4
+# the tests ask for.
+FLOAT32_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -61,11 +82,20 @@ class Factors:
     def rtol(self) -> float:
         return GRAM_RTOL[self.down.dtype]
 
+    def select(self, index: list[int]) -> Factors:
+        """The deltas at ``index`` of a batch with one leading dimension."""
+        return _select(self, index)
+
     def finite(self) -> Tensor:
         """``[...]`` bool: both Gram diagonals (sums of squares of B's columns and A's rows) are finite, which
         they are exactly when the factors are, unless a float32 product overflowed (values above ~1e19)."""
         traces = self.gram_down.diagonal(dim1=-2, dim2=-1).sum(-1) + self.gram_up.diagonal(dim1=-2, dim2=-1).sum(-1)
         return traces.isfinite()
+
+
+def _select(batch, index: list[int]):
+    """A copy of a dataclass of batched tensors (one leading dimension) holding only the items at ``index``."""
+    return type(batch)(**{field.name: getattr(batch, field.name)[index] for field in fields(batch)})
 
 
 def _scaled(scale: Tensor) -> Tensor:
@@ -149,6 +179,41 @@ class FactorSVD:
     def ranks(self) -> Tensor:
         """``[...]``: numerical ranks ``q``."""
         return (self.s > 0).sum(-1)
+
+    def select(self, index: list[int]) -> FactorSVD:
+        """The SVDs at ``index`` of a batch with one leading dimension."""
+        return _select(self, index)
+
+
+def float32_suffices(factors: Factors, thin: FactorSVD, kept: int) -> Tensor:
+    """``[...]`` bool: the leading ``kept`` directions of ``thin`` (computed from ``factors`` with float32 tall
+    products), and the error of keeping only them, are within ``FLOAT32_TOLERANCE`` of what float64 products give.
+
+    Two ways float32 loses, both read from the float32 result itself. (1) ``s_k^2``, ``k = min(kept, r)``, is
+    below ``RESOLVED`` of ``s_1^2`` (or zero: float32 found fewer than ``k`` directions) while the optimum's error
+    ``e_opt = sqrt(sum_{j>k} s_j^2) / ||D||`` is below ``ABSORBED``: the kept directions are then as uncertain as
+    the error they leave. (2) Eigenvalues ``b_i^2`` of ``up^T up`` below ``GRAM_RTOL`` of the largest were dropped
+    as numerical zeros; with ``D = scale sum_i (up v_i)(v_i^T down)``, a sum of orthogonal terms, they hid at most
+    ``h = scale^2 sum_i (b_i^2 + FLOAT32_GRAM_ERROR b_1^2) v_i^T gram_down v_i`` of ``||D||^2``, which can raise
+    the error to ``sqrt(e_opt^2 + h / ||D||^2)``: the rise must stay below ``FLOAT32_TOLERANCE``.
+    ``kept = 0`` (nothing is dropped: the factors are kept as they are) and all-zero deltas always suffice."""
+    squares = thin.s.square()
+    if kept == 0:
+        return torch.ones(squares.shape[:-1], dtype=torch.bool, device=squares.device)
+    kept = min(kept, factors.rank)
+    hidden = torch.zeros_like(squares[..., 0])
+    if not bool((squares[..., -1] > 0).all()):  # a dropped direction of up leaves a zero in s: look for them
+        eigenvalues, eigenvectors = torch.linalg.eigh(factors.gram_up)
+        largest = eigenvalues[..., -1:].clamp(min=0)
+        dropped = eigenvalues <= GRAM_RTOL[torch.float32] * largest
+        weights = (eigenvectors * (factors.gram_down @ eigenvectors)).sum(-2)  # v_i^T gram_down v_i
+        bounds = (eigenvalues.clamp(min=0) + FLOAT32_GRAM_ERROR * largest) * weights.clamp(min=0)
+        hidden = factors.scale.square() * (bounds * dropped).sum(-1)
+    energy = squares.sum(-1) + hidden
+    optimum = torch.where(energy > 0, squares[..., kept:].sum(-1) / energy, 0.0).sqrt()
+    resolved = (squares[..., kept - 1] >= RESOLVED * squares[..., 0]) | (optimum >= ABSORBED)
+    growth = (optimum.square() + torch.where(energy > 0, hidden / energy, 0.0)).sqrt() - optimum
+    return (squares[..., 0] == 0) | (resolved & (growth <= FLOAT32_TOLERANCE))
 
 
 def svd(thin: FactorSVD, rank: int) -> RankMap:

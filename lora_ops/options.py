@@ -10,6 +10,8 @@ from .errors import LoraError
 METHODS = ("svd", "randomized_svd", "random_projection", "sparse_random_projection")
 OUTPUT_DTYPE_NAMES = ("keep", "fp32", "fp16", "bf16")
 MAX_RANK = 2048
+# Smallest share of non-zero entries of a sparse random projection (see ResizeOptions.density).
+MIN_DENSITY = 1e-6
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,11 @@ class ResizeOptions:
             (self.rank is None or 1 <= self.rank <= MAX_RANK, f"rank must be between 1 and {MAX_RANK}"),
             (0 <= self.niter <= 50, "niter must be between 0 and 50"),
             (0 <= self.oversample <= 1024, "oversample must be between 0 and 1024"),
-            (self.density is None or 0 < self.density <= 1, "density must be in (0, 1]"),
+            (
+                self.density is None or MIN_DENSITY <= self.density <= 1,
+                f"density must be between {MIN_DENSITY:g} and 1 (the projection's entries are"
+                " ±1/sqrt(density·rank): a smaller density makes them overflow the factors' dtype)",
+            ),
             (self.energy is None or 0 < self.energy <= 1, "energy must be in (0, 1]"),
             (self.target_size is None or self.target_size > 0, "target size must be positive"),
             (self.dtype in OUTPUT_DTYPE_NAMES, f"dtype must be one of {', '.join(OUTPUT_DTYPE_NAMES)}"),

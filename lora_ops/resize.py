@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import statistics
 import time
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import __version__, linalg
+from .atomic import same_file, write_json
 from .consumers import ScaleReading, consumer_warnings
 from .digest import file_sha256
 from .errors import LoraError
@@ -23,9 +25,9 @@ from .layouts import LoraFile, LoraModule, parse_lora
 from .options import MAX_RANK, ResizeOptions
 from .ranks import energy_rank, threshold_ranks
 from .scales import (
-    FROM_ALPHA_TENSORS,
     FROM_DIFFUSERS_METADATA,
     FROM_METADATA_ALPHA,
+    FROM_PEFT_CONFIG,
     PEFT_CONFIG_NAME,
     diffusers_metadata,
     load_peft_config,
@@ -42,7 +44,6 @@ from .writer import (
     output_alpha,
     peft_config_for_output,
     rank_histogram,
-    write_json,
 )
 
 OUTPUT_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,8 +60,7 @@ Progress = Callable[[int, int], None]
 class _Source:
     """An input file, opened and understood: layout, per-module scales and alpha dtype.
 
-    ``carries_alpha``: per module, whether its scale comes from an alpha (its ``.alpha`` tensor, or the
-    metadata's ``alpha`` entry) that the output must carry too, rather than from a config.
+    ``carriers``: per module, what holds its scale, in the input and so in the output (:func:`_scale_carriers`).
     """
 
     lora: LoraFile
@@ -69,7 +69,7 @@ class _Source:
     alpha_dtype: torch.dtype
     peft_config: dict | None
     peft_config_path: Path | None
-    carries_alpha: list[bool]
+    carriers: list[str]
     alphas: dict[str, float]
 
     def warnings(self) -> list[str]:
@@ -112,22 +112,34 @@ def _open_source(path: str | Path, config: str | Path | None, limits: Limits, ra
             alphas[module.name], alpha_dtype = float(alpha.reshape(-1)[0]), alpha.dtype
     peft_config, peft_config_path = load_peft_config(lora, config)
     scales, scale_source = module_scales(lora, alphas, peft_config)
-    carries = _alpha_carriers(lora, scale_source)
-    return _Source(lora, scales, scale_source, alpha_dtype, peft_config, peft_config_path, carries, alphas)
+    carriers = _scale_carriers(lora, scale_source)
+    return _Source(lora, scales, scale_source, alpha_dtype, peft_config, peft_config_path, carriers, alphas)
 
 
-def _alpha_carriers(lora: LoraFile, scale_source: str) -> list[bool]:
-    """Per module, whether its scale is read from an alpha: with alpha tensors, the modules that have one (and,
-    under ``lora_adapter_metadata``, those of components the metadata does not describe); with the metadata's
-    ``alpha`` entry, every module."""
+# What holds a module's scale: an alpha (its `.alpha` tensor, or the metadata's `alpha` entry: the output writes one
+# alpha value, the rest folded into the factors), a config (`lora_adapter_metadata`, `adapter_config.json`:
+# regenerated with the module's scale, the factors unscaled), or nothing (the factors hold it).
+BY_ALPHA, BY_CONFIG, BY_FACTORS = "alpha", "config", "factors"
+
+
+def _scale_carriers(lora: LoraFile, scale_source: str) -> list[str]:
+    """Per module, what holds its scale (``BY_ALPHA``, ``BY_CONFIG`` or ``BY_FACTORS``). Under
+    ``lora_adapter_metadata``, the modules of the components it describes are ``BY_CONFIG``; the others keep their
+    alpha tensors."""
     if scale_source == FROM_METADATA_ALPHA:
-        return [True] * len(lora.modules)
+        return [BY_ALPHA] * len(lora.modules)
+    if scale_source == FROM_PEFT_CONFIG:
+        return [BY_CONFIG] * len(lora.modules)
     described: set[str] = set()
     if scale_source == FROM_DIFFUSERS_METADATA:
         described = {key.partition(".")[0] for key in diffusers_metadata(lora) or {}}
-    elif scale_source != FROM_ALPHA_TENSORS:
-        return [False] * len(lora.modules)
-    return [m.alpha_key is not None and split_component(m.name)[0] not in described for m in lora.modules]
+
+    def carrier(module: LoraModule) -> str:
+        if split_component(module.name)[0] in described:
+            return BY_CONFIG
+        return BY_ALPHA if module.alpha_key is not None else BY_FACTORS
+
+    return [carrier(module) for module in lora.modules]
 
 
 # Storage dtypes whose values float32 holds exactly: their products on the tall factors run in float32.
@@ -164,26 +176,46 @@ def _batches(modules: tuple[LoraModule, ...], ranks: list[int]) -> list[list[int
 
 
 def _factors(
-    modules: list[LoraModule], stored: list[tuple[Tensor, Tensor]], scales: list[float], device: str
-) -> linalg.Factors:
+    modules: list[LoraModule], stored: list[tuple[Tensor, Tensor]], scales: list[float], device: str, kept: int
+) -> list[tuple[list[int], linalg.Factors, linalg.FactorSVD]]:
     """A batch of modules' :func:`_read_pair` factors, stacked ``[B, r, n]`` and ``[B, m, r]``, with their Gram
-    matrices; NaN/Inf refused.
+    matrices and thin SVDs, as parts ``(indices into the batch, factors, SVDs)``; NaN/Inf refused.
 
-    16-bit factors are copied to float32, others to float64; float64 is the fallback when a float32 Gram
-    matrix overflows (values above about 1e19)."""
-    exact = all({m.down_dtype, m.up_dtype} <= EXACT_IN_FLOAT32 for m in modules)
+    16-bit factors are copied to float32, others to float64. Modules whose float32 result loses accuracy in its
+    leading ``kept`` directions (:func:`linalg.float32_suffices`: nearly low-rank layers) are solved again from
+    float64 copies, as a second part; the whole batch is, if a float32 Gram matrix overflows (values above about
+    1e19)."""
+    everything = list(range(len(modules)))
     down_shape, up_shape = stored[0][0].shape, stored[0][1].shape  # one shape per batch
-    for dtype in (torch.float32, torch.float64) if exact else (torch.float64,):
+
+    def stack(index: list[int], dtype: torch.dtype) -> linalg.Factors:
         # copied and converted in one pass into the stacked tensors (torch.stack would copy the 16-bit data first)
-        downs = torch.empty((len(stored), *down_shape), dtype=dtype, device=device)
-        ups = torch.empty((len(stored), *up_shape), dtype=dtype, device=device)
-        for index, (down, up) in enumerate(stored):
-            downs[index].copy_(down)
-            ups[index].copy_(up)
-        factors = linalg.Factors.of(downs, ups, torch.tensor(scales, dtype=torch.float64, device=device))
-        finite = factors.finite().tolist()
-        if all(finite):
-            return factors
+        downs = torch.empty((len(index), *down_shape), dtype=dtype, device=device)
+        ups = torch.empty((len(index), *up_shape), dtype=dtype, device=device)
+        for row, item in enumerate(index):
+            downs[row].copy_(stored[item][0])
+            ups[row].copy_(stored[item][1])
+        factors_scales = torch.tensor([scales[item] for item in index], dtype=torch.float64, device=device)
+        return linalg.Factors.of(downs, ups, factors_scales)
+
+    def solved(index: list[int], factors: linalg.Factors) -> tuple[list[int], linalg.Factors, linalg.FactorSVD]:
+        return index, factors, linalg.FactorSVD.of(factors)
+
+    if all({m.down_dtype, m.up_dtype} <= EXACT_IN_FLOAT32 for m in modules):
+        single = stack(everything, torch.float32)
+        if bool(single.finite().all()):
+            _, _, thin = part = solved(everything, single)
+            suffices = linalg.float32_suffices(single, thin, kept).tolist()
+            redo = [index for index, ok in enumerate(suffices) if not ok]
+            if not redo:
+                return [part]
+            keep = [index for index, ok in enumerate(suffices) if ok]
+            parts = [(keep, single.select(keep), thin.select(keep))] if keep else []
+            return [*parts, solved(redo, stack(redo, torch.float64))]
+    double = stack(everything, torch.float64)
+    finite = double.finite().tolist()
+    if all(finite):
+        return [solved(everything, double)]
     module, (down, up) = next((m, pair) for m, pair, ok in zip(modules, stored, finite) if not ok)
     bad = [key for key, tensor in zip((module.down_key, module.up_key), (down, up)) if not tensor.isfinite().all()]
     raise LoraError(f"{bad[0]!r} contains NaN or Inf values" if bad else f"module {module.name!r}: values too large")
@@ -249,14 +281,19 @@ def resize_factors(
 
 
 def _spectra(source: _Source, device: str) -> list[Tensor]:
-    """Singular values of every module's effective delta (descending, float64, on the CPU)."""
+    """Singular values of every module's effective delta (descending, float64, on the CPU); batches whose
+    float32 spectrum reaches below float32 resolution are computed again in float64 (see :func:`_factors`)."""
     modules = source.lora.modules
     spectra: list[Tensor] = [torch.empty(0)] * len(modules)
     batches = _batches(modules, [0] * len(modules))
     jobs = _read_batches(open_tensors(source.lora.path, source.lora.header), modules, batches, source.scales)
 
     def spectrum(job: tuple) -> Tensor:
-        return linalg.FactorSVD.of(_factors(*job, device)).s.cpu()
+        modules = job[0]
+        values = torch.empty(len(modules), modules[0].rank, dtype=torch.float64)
+        for index, _, thin in _factors(*job, device, modules[0].rank):
+            values[index] = thin.s.cpu()
+        return values
 
     for batch, values in zip(batches, in_order(spectrum, jobs, workers(device))):
         for index, s in zip(batch, values):
@@ -302,11 +339,15 @@ def _output_bytes_besides_factors(source: _Source, options: ResizeOptions) -> in
 
 
 def _check_destination(source: Path, destination: Path, peft_config_path: Path | None) -> None:
+    if destination.is_dir():
+        raise LoraError(f"the output {destination} is a folder; give a file name ending in .safetensors")
     if destination.suffix != ".safetensors":
         raise LoraError(f"output must be a .safetensors file, not {destination.name}")
+    if destination.parent.exists() and not destination.parent.is_dir():
+        raise LoraError(f"the output's folder {destination.parent} is a file, not a folder")
     if not destination.parent.is_dir():
-        raise LoraError(f"output folder does not exist: {destination.parent}")
-    if destination.resolve() == source.resolve():
+        raise LoraError(f"output folder does not exist: {destination.parent} (it is not created; make it first)")
+    if same_file(destination, source):
         raise LoraError("the output path is the input file; choose another path")
     if peft_config_path and (destination.parent / PEFT_CONFIG_NAME).resolve() == peft_config_path.resolve():
         raise LoraError(
@@ -315,11 +356,32 @@ def _check_destination(source: Path, destination: Path, peft_config_path: Path |
         )
 
 
+def _check_config_destination(config_out: Path, config: dict) -> None:
+    """Refuse to replace another adapter's ``adapter_config.json`` in the output folder (an identical one is fine)."""
+    if not config_out.exists():
+        return
+    try:
+        existing = json.loads(config_out.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        existing = None
+    if existing != config:
+        raise LoraError(
+            f"the output folder already holds another adapter's {PEFT_CONFIG_NAME} ({config_out}), which the resized"
+            " adapter's config would replace; choose another folder or move it away"
+        )
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or rewritten: device, inode, size, modification time (ns)."""
+    status = path.stat()
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
 def _output_alphas(source: _Source, ranks: list[int]) -> tuple[float | None, dict[str, Tensor]]:
     """The alpha the output carries (``None``: every scale is folded into the factors) and its alpha tensors by key:
     the new alpha for each module that carries one, the input's own tensor for a module whose alpha a config
     overrides (kept as it was, so that the key set keeps its shape)."""
-    lora, carries = source.lora, source.carries_alpha
+    lora, carries = source.lora, [carrier == BY_ALPHA for carrier in source.carriers]
     if not any(carries):
         alpha = None
     else:
@@ -350,9 +412,12 @@ def _output_specs(
     return specs
 
 
-def _out_scale(alpha: float | None, rank: int, carries_alpha: bool) -> float:
-    """The scale a loader applies to a module's written factors: ``alpha / rank`` where it carries an alpha."""
-    return alpha / rank if carries_alpha and alpha is not None else 1.0
+def _out_scale(carrier: str, scale: float, alpha: float | None, rank: int) -> float:
+    """The scale a loader applies to a module's written factors: ``alpha / rank`` where an alpha carries it, the
+    module's own scale where its regenerated config does, else 1."""
+    if carrier == BY_ALPHA and alpha is not None:
+        return alpha / rank
+    return scale if carrier == BY_CONFIG else 1.0
 
 
 def resize_file(
@@ -373,14 +438,19 @@ def resize_file(
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    identity = _file_identity(src) if src.is_file() else None
     if options.device == "cuda" and not torch.cuda.is_available():
         raise LoraError("--device cuda was asked for, but no CUDA device is available")
     source = _open_source(src, config, limits, options.rank or MAX_RANK)
     _check_destination(src, dst, source.peft_config_path)
     lora = source.lora
     ranks = _choose_ranks(source, options)
+    config = None
+    if source.peft_config is not None:
+        config = peft_config_for_output(source.peft_config, lora, ranks, source.scales)
+        _check_config_destination(dst.parent / PEFT_CONFIG_NAME, config)
     alpha, alpha_tensors = _output_alphas(source, ranks)
-    out_scales = [_out_scale(alpha, rank, c) for rank, c in zip(ranks, source.carries_alpha)]
+    out_scales = [_out_scale(*args, alpha, rank) for *args, rank in zip(source.carriers, source.scales, ranks)]
     layers: list[dict] = [{}] * len(lora.modules)
     done = 0
     with ThreadPoolExecutor(max_workers=1) as hasher:
@@ -393,9 +463,15 @@ def resize_file(
             source_sha256=SHA256_PLACEHOLDER,
             source_ranks=rank_histogram([m.rank for m in lora.modules]),
         )
-        metadata = build_metadata(lora, ranks, alpha, source.scale_source, provenance)
+        metadata = build_metadata(lora, ranks, source.scales, alpha, source.scale_source, provenance)
         specs = _output_specs(source, ranks, options, alpha_tensors)
-        late = lambda: {PROVENANCE_PREFIX + "source_sha256": sha256.result()}  # noqa: E731
+
+        def late() -> dict[str, str]:
+            digest = sha256.result()
+            if _file_identity(src) != identity:
+                raise LoraError(f"{src.name} changed while it was being resized; nothing was written")
+            return {PROVENANCE_PREFIX + "source_sha256": digest}
+
         handle = open_tensors(src, lora.header)
         folds = [scale / out_scale for scale, out_scale in zip(source.scales, out_scales)]
         with lora_output(dst, specs, metadata, late) as output:
@@ -418,9 +494,9 @@ def resize_file(
                     if progress:
                         progress(done, len(lora.modules))
     config_out = None
-    if source.peft_config is not None:
+    if config is not None:
         config_out = dst.parent / PEFT_CONFIG_NAME
-        write_json(config_out, peft_config_for_output(source.peft_config, lora, ranks))
+        write_json(config_out, config)
     errors = [layer["rel_error"] for layer in layers]
     worst = max(range(len(layers)), key=errors.__getitem__)
     bytes_out = dst.stat().st_size
@@ -455,15 +531,18 @@ def _resize_batch(
     options: ResizeOptions,
 ) -> list[tuple[dict, Tensor, Tensor]]:
     """Resize a batch of modules from their :func:`_read_pair` factors: each one's report row and the factors to
-    store (``folds``: the scales left in the factors; the rows' singular values are those of the folded deltas)."""
-    factors = _factors(modules, stored, folds, options.device)
-    thin = linalg.FactorSVD.of(factors)
+    store (``folds``: the scales left in the factors; the rows' singular values are those of the folded deltas).
+    A reduction of a nearly low-rank 16-bit layer is solved in float64 (see :func:`_factors`)."""
     first = modules[0]
     dtypes = (_out_dtype(options, first.down_dtype), _out_dtype(options, first.up_dtype))
     generators = [_generator(options.seed, module.name) for module in modules]
-    downs, ups, errors = resize_factors(factors, thin, rank, options, generators, dtypes)
+    solved: list[tuple] = [()] * len(modules)
+    for index, factors, thin in _factors(modules, stored, folds, options.device, rank if rank < first.rank else 0):
+        parts = resize_factors(factors, thin, rank, options, [generators[i] for i in index], dtypes)
+        for item, down, up, error, s in zip(index, *(part.cpu() for part in parts), thin.s.cpu()):
+            solved[item] = down, up, error.item(), s
     results = []
-    for module, down, up, error, s in zip(modules, downs.cpu(), ups.cpu(), errors.tolist(), thin.s.cpu()):
+    for module, (down, up, error, s) in zip(modules, solved):
         if not math.isfinite(error):
             raise LoraError(
                 f"module {module.name!r}: the resized factors overflow {dtypes[1]}; choose a wider output dtype"

@@ -23,6 +23,7 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 # regular expression, so anything richer (groups, quantifiers) could backtrack exponentially: refused.
 MODULE_PATTERN = re.compile(r"\^?[\w.\-:]{1,512}")
 METADATA_ALPHA_KEY = "alpha"
+JSON_KINDS = {list: "a JSON array", str: "a JSON string", type(None): "null", bool: "a boolean", int: "a number"}
 PEFT_CONFIG_NAME = "adapter_config.json"
 # Where a file keeps its scale (``module_scales``' second value, the reports' ``scale_source``).
 FROM_PEFT_CONFIG = "PEFT adapter_config.json"
@@ -91,7 +92,12 @@ def load_peft_config(lora: LoraFile, config: str | Path | None) -> tuple[dict | 
     if not config.is_file():
         raise LoraError(f"config file not found: {config}")
     fields = parse_json(config.read_bytes(), f"{config.name} is not valid JSON")
-    if not isinstance(fields, dict) or fields.get("peft_type", "LORA") != "LORA":
+    if not isinstance(fields, dict):
+        raise LoraError(
+            f"{config.name} is not a PEFT LoRA config (it holds {JSON_KINDS.get(type(fields), 'a value')},"
+            " not a JSON object)"
+        )
+    if fields.get("peft_type", "LORA") != "LORA":
         raise LoraError(f"{config.name} is not a PEFT LoRA config (peft_type {fields.get('peft_type')!r})")
     return fields, config
 

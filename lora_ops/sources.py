@@ -25,6 +25,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from lora_ops.errors import LoraError
+from lora_ops.sizes import format_size
 
 SUFFIX = ".safetensors"
 
@@ -50,11 +51,7 @@ class HubFile:
 
     @property
     def label(self) -> str:
-        return self.path if self.size is None else f"{self.path} ({_human_size(self.size)})"
-
-
-def _human_size(size: int) -> str:
-    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size:,} bytes"
+        return self.path if self.size is None else f"{self.path} ({format_size(self.size)})"
 
 
 def _hub_error(exc: BaseException, repo: str, file: str = "") -> LoraError:
@@ -75,6 +72,14 @@ def _checked_repo_id(repo_id: str) -> str:
     if "/" not in repo_id:
         raise LoraError(f"{repo_id!r} is not a valid Hub repo id (expected owner/name)")
     return repo_id
+
+
+def _checked_file_name(repo_id: str, filename: str) -> str:
+    """A file path inside a repo as the Hub writes them: ``/``-separated, relative, without ``.`` or ``..`` parts."""
+    filename = filename.strip()
+    if filename.startswith("/") or "\\" in filename or {"", ".", ".."} & set(filename.split("/")):
+        raise LoraError(f"{repo_id} has no file {filename!r}: give a path inside the repo, like dir/lora.safetensors")
+    return filename
 
 
 def list_lora_files(repo_id: str, token: str | None = None) -> list[HubFile]:
@@ -112,7 +117,7 @@ def download_lora(
     Refuses names that are not `.safetensors` and, before downloading, files larger than `max_bytes`.
     """
     repo_id = _checked_repo_id(repo_id)
-    filename = filename.strip()
+    filename = _checked_file_name(repo_id, filename)
     if not filename.endswith(SUFFIX):
         raise LoraError(f"pick a {SUFFIX} file of {repo_id}, not {filename!r}")
     try:
@@ -122,7 +127,7 @@ def download_lora(
             if size is None and not infos:
                 raise LoraError(f"{repo_id} has no file {filename}")
             if size is not None and size > max_bytes:
-                raise LoraError(f"{filename} is {_human_size(size)}, over this app's {_human_size(max_bytes)} limit")
+                raise LoraError(f"{filename} is {format_size(size)}, over this app's {format_size(max_bytes)} limit")
         local = hf_hub_download(repo_id, filename, local_dir=directory, token=token or False)
     except (HTTPError, OSError) as exc:
         raise _hub_error(exc, repo_id, filename) from exc

@@ -7,8 +7,8 @@ the keys that exist (diffusers' Qwen-Image and Z-Image loaders add the ``transfo
 - ``.alpha`` tensors: every module that had one gets one, all of one value (:func:`output_alpha`) in a dtype that
   holds it exactly (:func:`alpha_dtype`); what that alpha does not give a module is folded into its factors.
 - a plain ``alpha`` metadata entry: rewritten with that value.
-- ``lora_adapter_metadata`` or a PEFT ``adapter_config.json``: regenerated with the new ranks and
-  ``lora_alpha = r``, the scale folded into the factors.
+- ``lora_adapter_metadata`` or a PEFT ``adapter_config.json``: regenerated with the new ranks and alphas
+  (``lora_alpha``, ``alpha_pattern``) that keep every module's scale; the factors are not scaled.
 - nothing: the scale is folded into the factors.
 
 Other metadata that describes the ranks is regenerated (never left stale), and provenance is added under
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ from typing import BinaryIO
 
 import torch
 
+from .atomic import atomic_path
 from .files import TensorInfo
 from .layouts import LoraFile
 from .safetensors_writer import SafetensorsWriter, header_bytes
@@ -85,45 +84,49 @@ def rank_histogram(ranks: list[int]) -> dict[str, int]:
     return {str(k): n for k, n in sorted(Counter(ranks).items())}
 
 
-def _regenerate_diffusers(metadata: dict[str, str], lora: LoraFile, ranks: list[int]) -> None:
-    """Rewrite ``lora_adapter_metadata`` so every rank and alpha in it matches the new factors (scale 1)."""
+def lora_config_fields(names: list[str], ranks: list[int], scales: list[float]) -> dict:
+    """The LoraConfig fields that give modules ``names`` their ``ranks`` and ``scales``: ``r`` and ``lora_alpha`` the
+    most common rank and alpha (``scale * rank``), ``rank_pattern`` / ``alpha_pattern`` (``^name``: PEFT matches a
+    pattern as ``(.*\\.)?(pattern)$``) for the other modules, ``use_rslora`` false. The factors keep their scale out."""
+    alphas = [_json_number(scale * rank) for scale, rank in zip(scales, ranks)]
+    rank = Counter(ranks).most_common(1)[0][0]
+    alpha = Counter(alphas).most_common(1)[0][0]
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {f"^{name}": k for name, k in zip(names, ranks) if k != rank},
+        "alpha_pattern": {f"^{name}": a for name, a in zip(names, alphas) if a != alpha},
+        "use_rslora": False,
+    }
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _regenerate_diffusers(metadata: dict[str, str], lora: LoraFile, ranks: list[int], scales: list[float]) -> None:
+    """Rewrite ``lora_adapter_metadata`` so that every rank and alpha in it describes the new factors with the
+    ``scales`` the input had (:func:`lora_config_fields`, per component it describes)."""
     if DIFFUSERS_METADATA_KEY not in metadata:
         return
     fields = json.loads(metadata[DIFFUSERS_METADATA_KEY])
-    by_component: dict[str, dict[str, int]] = {}
-    for module, rank in zip(lora.modules, ranks):
+    by_component: dict[str, list[tuple[str, int, float]]] = {}
+    for module, rank, scale in zip(lora.modules, ranks, scales):
         component, name = split_component(module.name)
-        by_component.setdefault(component, {})[name] = rank
-    for component, module_ranks in by_component.items():
+        by_component.setdefault(component, []).append((name, rank, scale))
+    for component, modules in by_component.items():
         if not any(key.startswith(component + ".") for key in fields):
             continue
-        common = Counter(module_ranks.values()).most_common(1)[0][0]
-        pattern = {f"^{name}": rank for name, rank in module_ranks.items() if rank != common}
-        fields.update(
-            {
-                f"{component}.r": common,
-                f"{component}.lora_alpha": common,
-                f"{component}.rank_pattern": pattern,
-                f"{component}.alpha_pattern": dict(pattern),
-                f"{component}.use_rslora": False,
-            }
-        )
+        names, component_ranks, component_scales = map(list, zip(*modules))
+        config = lora_config_fields(names, component_ranks, component_scales)
+        fields.update({f"{component}.{key}": value for key, value in config.items()})
     metadata[DIFFUSERS_METADATA_KEY] = json.dumps(fields, indent=2, sort_keys=True)
 
 
-def peft_config_for_output(config: dict, lora: LoraFile, ranks: list[int]) -> dict:
-    """A PEFT ``adapter_config.json`` for the resized factors: new ranks, alpha = rank (scale folded)."""
+def peft_config_for_output(config: dict, lora: LoraFile, ranks: list[int], scales: list[float]) -> dict:
+    """A PEFT ``adapter_config.json`` for the resized factors: the new ranks, and alphas that keep ``scales``."""
     names = [m.name.removeprefix(PEFT_PREFIX) for m in lora.modules]
-    common = Counter(ranks).most_common(1)[0][0]
-    pattern = {f"^{name}": rank for name, rank in zip(names, ranks) if rank != common}
-    return {
-        **config,
-        "r": common,
-        "lora_alpha": common,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "use_rslora": False,
-    }
+    return {**config, **lora_config_fields(names, ranks, scales)}
 
 
 def _update_kohya(metadata: dict[str, str], ranks: list[int], alpha: float | None, provenance: Provenance) -> None:
@@ -149,14 +152,19 @@ def _update_cloneofsimo(metadata: dict[str, str], lora: LoraFile, ranks: list[in
 
 
 def build_metadata(
-    lora: LoraFile, ranks: list[int], alpha: float | None, scale_source: str, provenance: Provenance
+    lora: LoraFile,
+    ranks: list[int],
+    scales: list[float],
+    alpha: float | None,
+    scale_source: str,
+    provenance: Provenance,
 ) -> dict[str, str]:
     """The output's ``__metadata__``: the input's, with rank- and scale-describing entries regenerated (``alpha``,
     the output's alpha, where ``scale_source`` says the input kept its scale in the metadata) and provenance."""
     metadata = {k: v for k, v in lora.header.metadata.items() if not k.startswith(PROVENANCE_PREFIX)}
     if scale_source == FROM_METADATA_ALPHA and alpha is not None:
         metadata[METADATA_ALPHA_KEY] = number_text(alpha)
-    _regenerate_diffusers(metadata, lora, ranks)
+    _regenerate_diffusers(metadata, lora, ranks, scales)
     _update_kohya(metadata, ranks, alpha, provenance)
     _update_cloneofsimo(metadata, lora, ranks)
     metadata.update({key: "0" * length for key, length in KOHYA_HASH_KEYS.items() if key in metadata})
@@ -193,25 +201,6 @@ def kohya_hashes(
     return {"sshs_model_hash": digest.hexdigest(), "sshs_legacy_hash": hashlib.sha256(window).hexdigest()[:8]}
 
 
-def _reserve_temporary(destination: Path) -> Path:
-    """A new, empty, hidden file beside ``destination`` (mode 0o666 less the umask, like any file the user writes)."""
-    temporary = destination.parent / f".{destination.name}.{secrets.token_hex(8)}.part"
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return temporary
-
-
-@contextmanager
-def atomic_path(destination: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; it replaces ``destination`` on success and is removed on any failure."""
-    temporary = _reserve_temporary(destination)
-    try:
-        yield temporary
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def lora_output(
     destination: Path, specs: dict[str, TensorInfo], metadata: dict[str, str], late: Callable[[], dict[str, str]]
@@ -232,9 +221,3 @@ def lora_output(
         writer = SafetensorsWriter(file, specs, metadata)
         yield writer
         writer.finish(final_values)
-
-
-def write_json(destination: Path, payload: dict) -> None:
-    """Write a JSON file atomically (sorted keys, indented)."""
-    with atomic_path(destination) as temporary:
-        temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -55,7 +55,53 @@ BAD_INPUTS = {
     "absurd-header": (
         "lora.safetensors",
         lambda p: p.write_bytes(struct.pack("<Q", 2**62) + b"{}" * 100),
-        "header claims",
+        "not a safetensors file (it does not start with a header length",
+    ),
+    "header-claims-too-much": (
+        "lora.safetensors",
+        lambda p: p.write_bytes(struct.pack("<Q", 4096) + b"{}" * 100),
+        "truncated or not a safetensors file: its header claims 4096 bytes",
+    ),
+    # JSON escapes can carry a lone surrogate (which no UTF-8 file holds) or control characters into names.
+    "surrogate-name": (
+        "lora.safetensors",
+        lambda p: p.write_bytes(
+            _raw({"a\ud800.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4))
+        ),
+        "holds a control character or is not valid UTF-8",
+    ),
+    "newline-name": (
+        "lora.safetensors",
+        _save({"t.a\nb.lora_A.weight": torch.randn(4, 16), "t.a\nb.lora_B.weight": torch.randn(24, 4)}),
+        "holds a control character or is not valid UTF-8",
+    ),
+    "escape-sequence-name": (
+        "lora.safetensors",
+        _save({"t.\x1b]0;pwned\x07.lora_A.weight": torch.randn(4, 16)}),
+        "holds a control character",
+    ),
+    "surrogate-metadata": (
+        "lora.safetensors",
+        lambda p: p.write_bytes(
+            _raw(
+                {
+                    "__metadata__": {"note": "\ud800"},
+                    "a.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                },
+                bytes(4),
+            )
+        ),
+        "metadata entry 'note' is not valid UTF-8",
+    ),
+    "kohya-wrong-separator": (
+        "lora.safetensors",
+        _save(
+            {
+                "lora_unet_unet_mid_block_attentions_0_proj_in_lora_down.weight": torch.randn(4, 16),
+                "lora_unet_unet_mid_block_attentions_0_proj_in_lora_up.weight": torch.randn(16, 4),
+            }
+        ),
+        "join 'lora_down' to the module name with '_' where every layout has '.'",
     ),
     "header-not-json": (
         "lora.safetensors",

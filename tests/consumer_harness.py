@@ -80,3 +80,13 @@ def assert_reported_error(
     applied = difference / _total(before)
     assert applied > 0, "a reduction that changes nothing tests nothing"
     assert abs(applied - reported_total_error(report)) <= atol, (applied, reported_total_error(report))
+
+
+def loaded_ranks(components: dict[str, nn.Module], adapter: str) -> dict[str, int]:
+    """``"<component>.<module>" -> rank`` of every layer ``adapter`` was loaded into (names as in :func:`applied_deltas`)."""
+    return {
+        f"{component}.{name}": module.r[adapter]
+        for component, model in components.items()
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.r
+    }

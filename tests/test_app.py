@@ -222,7 +222,7 @@ def test_hub_listing_finds_safetensors_files(lora_file_hub, tmp_path):
     assert files[0].size == EXAMPLE_LORA.stat().st_size
     with pytest.raises(LoraError, match="no Hub model repo nobody/missing"):
         sources.list_lora_files("nobody/missing")
-    with pytest.raises(LoraError, match="over this app's 1,000 bytes limit"):
+    with pytest.raises(LoraError, match="over this app's 1.0 kB limit"):
         sources.download_lora(PUBLIC_REPO, "lora.safetensors", tmp_path, max_bytes=1000)
     with pytest.raises(LoraError, match="has no file absent.safetensors"):
         sources.download_lora(PUBLIC_REPO, "absent.safetensors", tmp_path, max_bytes=10**6)

@@ -69,7 +69,8 @@ def test_reduced_lora_loads_with_its_new_rank_and_reported_error(tiny_flux_dir, 
 
 
 def test_metadata_file_with_per_layer_ranks_loads_with_the_right_scale(tiny_flux_dir, tiny_flux_lora_file, tmp_path):
-    """Input: diffusers metadata with lora_alpha 16 (scale 2); output: per-layer ranks, regenerated metadata."""
+    """Input: diffusers metadata with lora_alpha 16 (scale 2); output: per-layer ranks, regenerated metadata that
+    keeps the scale 2."""
     tensors = load_file(str(tiny_flux_lora_file))
     source = tmp_path / "with-metadata.safetensors"
     modules = sorted({key.removeprefix("transformer.").split(".lora_")[0] for key in tensors})
@@ -84,7 +85,7 @@ def test_metadata_file_with_per_layer_ranks_loads_with_the_right_scale(tiny_flux
     errors = {layer["name"].removeprefix("transformer."): layer["rel_error"] for layer in report["layers"]}
     for name, delta in resized.items():
         module = pipe.transformer.get_submodule(name)
-        assert module.r["energy"] == ranks[name] and module.scaling["energy"] == 1.0
+        assert module.r["energy"] == ranks[name] and module.scaling["energy"] == 2.0
         assert module.scaling["original"] == 2.0
         assert _rel(delta, original[name]) == pytest.approx(errors[name], abs=1e-5)
 

@@ -334,7 +334,9 @@ def test_non_flux_loras_are_refused(pipeline_calls: list[str], tiny_flux_lora_fi
         },
         sd_lora,
     )
-    with pytest.raises(LoraError, match="sd15.safetensors is a kohya .* file for SD 1.x/2.x; the preview renders FLUX.1 LoRAs only"):
+    with pytest.raises(
+        LoraError, match="sd15.safetensors is a kohya .* file for SD 1.x/2.x; the preview renders FLUX.1 LoRAs only"
+    ):
         preview.render_comparison(tiny_flux_lora_file, sd_lora, PROMPTS, **SETTINGS)
     assert pipeline_calls == []
 

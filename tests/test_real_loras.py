@@ -12,8 +12,10 @@ from safetensors import safe_open
 
 import lora_ops
 from lora_ops.layouts import LAYOUT_BY_NAME
+from tests.test_precision import DenseOptimum
 
 REAL_LORAS = Path(__file__).resolve().parents[2] / "shared" / "real-loras"
+MORE_REAL_LORAS = REAL_LORAS.with_name("real-loras-more")
 # file -> (PEFT config beside it under another name, true scale of every module)
 FILES = {
     "flux-aitoolkit-r16-fp16.safetensors": (None, 1.0),
@@ -26,13 +28,15 @@ FILES = {
 pytestmark = pytest.mark.skipif(not REAL_LORAS.is_dir(), reason="../shared/real-loras is not beside this clone")
 
 
-def _factors(path, report, scale):
-    """Every module's ``(scale * up, down)`` as float64 matrices, read from the raw tensors."""
+def _factors(path, report, scale=None):
+    """Every module's ``(scale * up, down)`` as float64 matrices, read from the raw tensors (``scale=None``: each
+    layer's own, from an :func:`lora_ops.inspect_file` report)."""
     layout = LAYOUT_BY_NAME[report["layout"]]
     with safe_open(str(path), framework="pt") as handle:
         return {
             layer["name"]: (
-                scale * handle.get_tensor(layer["name"] + layout.up_suffix).double().flatten(1),
+                (layer["scale"] if scale is None else scale)
+                * handle.get_tensor(layer["name"] + layout.up_suffix).double().flatten(1),
                 handle.get_tensor(layer["name"] + layout.down_suffix).double().flatten(1),
             )
             for layer in report["layers"]
@@ -65,7 +69,7 @@ def test_real_file_round_trips(name, tmp_path):
         (tmp_path / str(rank)).mkdir()
         out = tmp_path / str(rank) / "adapter_model.safetensors"
         report = lora_ops.resize_file(source, out, lora_ops.ResizeOptions(rank=rank), config=config)
-        result = _factors(out, report, 1.0)
+        result = _factors(out, report, scale)  # the output keeps the input's scale carrier (here its config)
         for layer in report["layers"]:
             up, down = result[layer["name"]]
             delta = up @ down
@@ -83,3 +87,33 @@ def test_real_flux_file_svd_keeps_what_random_projection_loses(tmp_path):
     )
     assert svd["median_error"] < 0.1
     assert projection["median_error"] > 0.5
+
+
+# files of ../shared/real-loras-more that lora_ops resizes (the others are truncated or refused by design)
+MORE_FILES = {"sd21-diffusers-unet-r4-bf16.safetensors": (None, 1.0)}
+
+
+@pytest.mark.parametrize(
+    ("folder", "name"), [(REAL_LORAS, name) for name in sorted(FILES)] + [(MORE_REAL_LORAS, n) for n in MORE_FILES]
+)
+def test_real_file_fp32_output_is_the_dense_optimum(folder, name, tmp_path):
+    """At every rank below the input's, with ``--dtype fp32``: each layer's error within 1e-4 of the dense
+    optimum's (LAPACK), whatever the input's dtype (16-bit inputs take float32 products where that suffices)."""
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not beside this clone")
+    config_name, scale = {**FILES, **MORE_FILES}[name]
+    source = folder / name
+    config = folder / config_name if config_name else None
+    factors = _factors(source, lora_ops.inspect_file(source, config=config), scale)
+    optima = {layer: DenseOptimum(up, down) for layer, (up, down) in factors.items()}
+    rank_in = max(down.shape[0] for _, down in factors.values())
+    for rank in sorted({1, 2, rank_in // 2, rank_in - 1}):
+        (tmp_path / str(rank)).mkdir()
+        out = tmp_path / str(rank) / "adapter_model.safetensors"
+        options = lora_ops.ResizeOptions(rank=rank, dtype="fp32")
+        report = lora_ops.resize_file(source, out, options, config=config)
+        result = _factors(out, lora_ops.inspect_file(out))
+        for layer in report["layers"]:
+            optimum = optima[layer["name"]]
+            error = optimum.error(*result[layer["name"]])
+            assert error - optimum.error(*optimum.factors(rank)) < 1e-4, (layer["name"], rank)

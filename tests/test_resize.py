@@ -7,6 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -106,7 +107,12 @@ def test_diffusers_metadata_is_regenerated_for_per_layer_ranks(tmp_path):
     _, metadata = _keys(out)
     fields = json.loads(metadata["lora_adapter_metadata"])
     config = LoraConfig(**{k.removeprefix("transformer."): v for k, v in fields.items()})
-    assert config.lora_alpha == config.r and config.alpha_pattern == config.rank_pattern and not config.use_rslora
+    assert not config.use_rslora
+    for name, rank in ranks.items():  # the metadata keeps each module's scale (3/6, and 8/4 for ff.net.2)
+        module = name.removeprefix("transformer.")
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, module), config.lora_alpha)
+        assert config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r) == rank
+        assert alpha / rank == (2.0 if module.endswith("ff.net.2") else 0.5)
     deltas = read_deltas(out, fixture.case)  # asserts every rank in the metadata matches the factors
     for layer in report["layers"]:
         assert _rel(deltas[layer["name"]], fixture.deltas[layer["name"]]) == pytest.approx(layer["rel_error"], abs=1e-6)
@@ -118,7 +124,9 @@ def test_peft_config_is_written_beside_the_output(tmp_path):
     out = tmp_path / "out" / "adapter_model.safetensors"
     report = lora_ops.resize_file(fixture.path, out, lora_ops.ResizeOptions(rank=2))
     written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert written["r"] == 2 and written["lora_alpha"] == 2 and written["target_modules"] == ["q_lin", "v_lin", "ff"]
+    assert written["r"] == 2 and written["target_modules"] == ["q_lin", "v_lin", "ff"]
+    # scale 12/6 kept as alpha 4 at rank 2; q_lin's 3/6 as 1
+    assert written["lora_alpha"] == 4 and written["alpha_pattern"] == {"^enc.layer.0.q_lin": 1}
     assert report["scale_source"] == "PEFT adapter_config.json"
     with pytest.raises(lora_ops.LoraError, match="adapter_config.json"):
         lora_ops.resize_file(fixture.path, tmp_path / "in" / "other.safetensors", lora_ops.ResizeOptions(rank=2))
