@@ -11,19 +11,19 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image, UnidentifiedImageError
 
 from . import __version__
 from .errors import LoraError
+from .sizes import format_size
+from .sources import hub_errors
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 REPORT_NAME = "resize-report.json"
@@ -33,17 +33,6 @@ MAX_REPO_NAME = 96
 
 # (substring of the lowercased base model id, family tag); first match wins.
 BASE_FAMILY_TAGS = (("flux", "flux"), ("xl", "sdxl"), ("stable-diffusion", "stable-diffusion"))
-
-# HTTP status from the Hub -> one-line message; {action} says what we were doing.
-STATUS_MESSAGES = {
-    401: "the Hub refused your token while trying to {action} (HTTP 401): sign in again",
-    403: (
-        "your token may not {action} (HTTP 403): it needs write access; sign in again granting"
-        " write access to your repos, or use a write token"
-    ),
-}
-OTHER_STATUS_MESSAGE = "the Hub failed to {action} (HTTP {status}); nothing was published, try again later"
-NETWORK_MESSAGE = "network failure while trying to {action}: could not reach the Hub; try again"
 
 ImageSource = Image.Image | str | os.PathLike
 GridImage = ImageSource | tuple[ImageSource, str | None]
@@ -177,7 +166,7 @@ def push_resized(
     images = [(f"{IMAGES_DIR}/grid-{i}.png", *_png_and_caption(item)) for i, item in enumerate(grid_images, 1)]
 
     api = HfApi(token=token)
-    with _hub_errors("check your account"):
+    with hub_errors("check your account", write=True):
         account = api.whoami()
     if account.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise LoraError("your token is read-only: pushing needs a token with write access")
@@ -203,9 +192,9 @@ def push_resized(
         *(CommitOperationAdd(path, png) for path, png, _ in images),
         CommitOperationAdd("README.md", str(card).encode()),
     ]
-    with _hub_errors(f"create {repo_id}"):
+    with hub_errors(f"create {repo_id}", repo_id, write=True):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-    with _hub_errors(f"upload to {repo_id}"):
+    with hub_errors(f"upload to {repo_id}", repo_id, write=True):
         commit = api.create_commit(
             repo_id,
             operations=operations,
@@ -277,7 +266,7 @@ def _provenance(report: Mapping, source: str) -> list[tuple[str, str]]:
         ("Method", f"`{report['method']}`" + (f" ({_cell(params)})" if params else "")),
         ("Ranks before", _ranks_text(report["rank_in"])),
         ("Ranks after", _ranks_text(report["rank_out"])),
-        ("Size", f"{_human_bytes(report['bytes_in'])} -> {_human_bytes(report['bytes_out'])}"),
+        ("Size", f"{format_size(report['bytes_in'])} -> {format_size(report['bytes_out'])}"),
         (
             "Relative error",
             f"median {report['median_error']:.2%}, worst {report['worst_error']:.2%}"
@@ -343,28 +332,11 @@ def _check_namespace(api: HfApi, repo_id: str, account: Mapping) -> None:
     mine = {account["name"], *(org["name"] for org in account.get("orgs", []))}
     if namespace in mine:
         return
-    with _hub_errors(f"look up {repo_id}"):
+    with hub_errors(f"look up {repo_id}", repo_id, write=True):
         exists = api.repo_exists(repo_id)
     if exists:
         raise LoraError(f"repo {repo_id} exists and belongs to {namespace}: choose a name under {account['name']}/")
     raise LoraError(f"you cannot create repos under {namespace}: choose a name under {account['name']}/")
-
-
-@contextmanager
-def _hub_errors(action: str) -> Iterator[None]:
-    """Turn huggingface_hub and network errors into one-line LoraErrors (never echoing request details)."""
-    try:
-        yield
-    except HfHubHTTPError as err:
-        status = err.response.status_code
-        template = STATUS_MESSAGES.get(status, OTHER_STATUS_MESSAGE)
-        raise LoraError(template.format(action=action, status=status)) from None
-    except (httpx2.TransportError, OfflineModeIsEnabled):
-        raise LoraError(NETWORK_MESSAGE.format(action=action)) from None
-    except ValueError as err:
-        if "Invalid metadata in README.md" not in str(err):
-            raise
-        raise LoraError("the Hub rejected the model card's metadata; nothing was published") from None
 
 
 def _rank_label(ranks: Mapping[str, int]) -> str:
@@ -380,13 +352,6 @@ def _ranks_text(ranks: Mapping[str, int]) -> str:
         return f"rank {counts[0][0]} ({counts[0][1]} modules)"
     detail = ", ".join(f"{n} at {r}" for r, n in counts)
     return f"ranks {_rank_label(ranks)} ({detail})"
-
-
-def _human_bytes(size: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"
 
 
 def _number(value: float | str) -> str:

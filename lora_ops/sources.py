@@ -2,12 +2,15 @@
 
 Calls act as the visitor: `token` is the visitor's token or None. None means anonymous (`token=False` to
 huggingface_hub), so a Space never reads a private or gated repo with its owner's own token.
-Every Hub failure becomes a one-line `LoraError`.
+Every Hub failure becomes a one-line `LoraError`: `hub_errors` (the one mapping of huggingface_hub's errors,
+`HUB_ERRORS`) serves these reads and `lora_ops.hub`'s pushes.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,17 +32,71 @@ from lora_ops.sizes import format_size
 
 SUFFIX = ".safetensors"
 
-# Most specific first: the first class an exception is an instance of gives its message.
-HUB_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
-    (OfflineModeIsEnabled, "cannot reach the Hub for {repo}: this machine is offline (HF_HUB_OFFLINE is set)"),
-    (GatedRepoError, "{repo} is gated: sign in with an account that accepted its conditions on huggingface.co"),
-    (RepositoryNotFoundError, "no Hub model repo {repo} (if it is private, sign in with an account that can read it)"),
-    (RevisionNotFoundError, "{repo} has no such revision"),
-    (EntryNotFoundError, "{repo} has no file {file}"),
-    (HfHubHTTPError, "the Hub refused the request for {repo} {file}: {detail}"),
-    (HTTPError, "cannot reach the Hub for {repo}: {detail}"),
-    (OSError, "cannot download {file} from {repo}: {detail}"),
+# huggingface_hub's errors -> our one-line messages, for reading (listing, downloading) and for pushing alike.
+# Most specific first: the first row whose class the error is an instance of, and whose HTTP status (int) or
+# text fragment (str) it has where the row names one, gives the message. Placeholders: {action} (what we were
+# doing, e.g. "download x.safetensors from owner/name"), {repo}, {file}, {status}, {access} ("read" or
+# "write"), {retry} and {detail} (a local OS error's reason, e.g. "No space left on device"; never the error's
+# own text, which may hold a request's URL).
+HUB_ERRORS: tuple[tuple[type[BaseException], int | str | None, str], ...] = (
+    (OfflineModeIsEnabled, None, "cannot reach the Hub to {action}: this machine is offline (HF_HUB_OFFLINE is set)"),
+    (GatedRepoError, None, "{repo} is gated: sign in with an account that accepted its conditions on huggingface.co"),
+    (
+        RepositoryNotFoundError,
+        None,
+        "no Hub model repo {repo} (if it is private, sign in with an account that can read it)",
+    ),
+    (RevisionNotFoundError, None, "{repo} has no such revision"),
+    (EntryNotFoundError, None, "{repo} has no file {file}"),
+    (HfHubHTTPError, 401, "the Hub refused your token while trying to {action} (HTTP 401): sign in again"),
+    (
+        HfHubHTTPError,
+        403,
+        "your token may not {action} (HTTP 403): it needs {access} access; sign in again granting {access} access"
+        " to your repos, or use a {access} token",
+    ),
+    (HfHubHTTPError, None, "the Hub failed to {action} (HTTP {status}); {retry}"),
+    (HTTPError, None, "network failure while trying to {action}: could not reach the Hub; try again"),
+    (ValueError, "Invalid metadata in README.md", "the Hub rejected the model card's metadata; nothing was published"),
+    (OSError, None, "cannot {action}: {detail}"),
 )
+
+
+def _hub_error_message(exc: BaseException, **fields: str) -> str | None:
+    """The `HUB_ERRORS` message for `exc` with `fields` filled in; None when no row matches."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    for kind, condition, template in HUB_ERRORS:
+        if isinstance(exc, kind) and (
+            condition is None or condition == status or (isinstance(condition, str) and condition in str(exc))
+        ):
+            return template.format(status=status, detail=getattr(exc, "strerror", None) or type(exc).__name__, **fields)
+    return None
+
+
+@contextmanager
+def hub_errors(action: str, repo: str = "", file: str = "", *, write: bool = False) -> Iterator[None]:
+    """Turn huggingface_hub and network errors raised inside into one-line `LoraError`s (see `HUB_ERRORS`).
+
+    `action` completes "while trying to ..."; `write` is True for the steps of a push (messages then ask for
+    write access and say that nothing was published). The original error is not chained, so request
+    details never reach a log or a page. Other errors, `LoraError`s included, pass through.
+    """
+    try:
+        yield
+    except LoraError:
+        raise
+    except Exception as exc:
+        message = _hub_error_message(
+            exc,
+            action=action,
+            repo=repo,
+            file=file,
+            access="write" if write else "read",
+            retry="nothing was published, try again later" if write else "try again later",
+        )
+        if message is None:
+            raise
+        raise LoraError(message) from None
 
 
 @dataclass(frozen=True)
@@ -52,13 +109,6 @@ class HubFile:
     @property
     def label(self) -> str:
         return self.path if self.size is None else f"{self.path} ({format_size(self.size)})"
-
-
-def _hub_error(exc: BaseException, repo: str, file: str = "") -> LoraError:
-    """The one-line `LoraError` for a huggingface_hub failure."""
-    detail = " ".join(str(exc).split())[:200]
-    template = next(message for kind, message in HUB_ERRORS if isinstance(exc, kind))
-    return LoraError(template.format(repo=repo, file=file, detail=detail))
 
 
 def _checked_repo_id(repo_id: str) -> str:
@@ -85,10 +135,8 @@ def _checked_file_name(repo_id: str, filename: str) -> str:
 def list_lora_files(repo_id: str, token: str | None = None) -> list[HubFile]:
     """The `.safetensors` files of model repo `repo_id` (recursively), sorted by path."""
     repo_id = _checked_repo_id(repo_id)
-    try:
+    with hub_errors(f"list the files of {repo_id}", repo_id):
         entries = list(HfApi().list_repo_tree(repo_id, recursive=True, token=token or False))
-    except (HTTPError, OSError) as exc:
-        raise _hub_error(exc, repo_id) from exc
     files = sorted(
         (HubFile(entry.path, getattr(entry, "size", None)) for entry in entries if entry.path.endswith(SUFFIX)),
         key=lambda hub_file: hub_file.path,
@@ -121,16 +169,17 @@ def download_lora(
     if not filename.endswith(SUFFIX):
         raise LoraError(f"pick a {SUFFIX} file of {repo_id}, not {filename!r}")
     try:
-        if max_bytes is not None:
-            infos = HfApi().get_paths_info(repo_id, [filename], token=token or False)
-            size = next((getattr(info, "size", None) for info in infos), None)
-            if size is None and not infos:
-                raise LoraError(f"{repo_id} has no file {filename}")
-            if size is not None and size > max_bytes:
-                raise LoraError(f"{filename} is {format_size(size)}, over this app's {format_size(max_bytes)} limit")
-        local = hf_hub_download(repo_id, filename, local_dir=directory, token=token or False)
-    except (HTTPError, OSError) as exc:
-        raise _hub_error(exc, repo_id, filename) from exc
+        with hub_errors(f"download {filename} from {repo_id}", repo_id, filename):
+            if max_bytes is not None:
+                infos = HfApi().get_paths_info(repo_id, [filename], token=token or False)
+                size = next((getattr(info, "size", None) for info in infos), None)
+                if size is None and not infos:
+                    raise LoraError(f"{repo_id} has no file {filename}")
+                if size is not None and size > max_bytes:
+                    raise LoraError(
+                        f"{filename} is {format_size(size)}, over this app's {format_size(max_bytes)} limit"
+                    )
+            local = hf_hub_download(repo_id, filename, local_dir=directory, token=token or False)
     finally:
         shutil.rmtree(Path(directory) / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
     return Path(local)

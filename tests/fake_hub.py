@@ -1,18 +1,26 @@
-"""A loopback stand-in for the Hugging Face Hub, speaking the HTTP subset huggingface_hub 2.4 sends to push.
+"""A loopback stand-in for the Hugging Face Hub, speaking the HTTP subset huggingface_hub 2.4 sends to push
+(`HfApi.whoami`, `create_repo`, `repo_exists`, `create_commit`) and to read (`model_info`, `list_repo_tree`,
+`get_paths_info`, `hf_hub_download`).
 
-Routes (checked against the installed client, see tests/test_hub.py::test_fake_hub_sees_only_known_routes):
+Routes (checked against the installed client: tests/test_hub.py checks a push uses only the push routes):
 
-| route name      | request                                                   |
-|-----------------|-----------------------------------------------------------|
-| `whoami`        | `GET /api/whoami-v2`                                      |
-| `create_repo`   | `POST /api/repos/create` (409 when it exists)             |
-| `repo_info`     | `GET /api/models/{ns}/{name}[/revision/{rev}]`            |
-| `validate_yaml` | `POST /api/validate-yaml`                                 |
-| `preupload`     | `POST /api/models/{ns}/{name}/preupload/{rev}`            |
-| `commit`        | `POST /api/models/{ns}/{name}/commit/{rev}` (ndjson)      |
+| route name      | request                                                        |
+|-----------------|----------------------------------------------------------------|
+| `whoami`        | `GET /api/whoami-v2`                                           |
+| `create_repo`   | `POST /api/repos/create` (409 when it exists)                  |
+| `repo_info`     | `GET /api/models/{ns}/{name}[/revision/{rev}]` (card license)  |
+| `validate_yaml` | `POST /api/validate-yaml`                                      |
+| `preupload`     | `POST /api/models/{ns}/{name}/preupload/{rev}`                 |
+| `commit`        | `POST /api/models/{ns}/{name}/commit/{rev}` (ndjson)           |
+| `tree`          | `GET /api/models/{ns}/{name}/tree/{rev}` (every file)          |
+| `paths_info`    | `POST /api/models/{ns}/{name}/paths-info/{rev}` (form `paths`) |
+| `resolve`       | `GET` or `HEAD /{ns}/{name}/resolve/{rev}/{path}` (the bytes)  |
 
-Every file is answered as a `regular` upload, so its bytes travel base64 inside the commit body (no LFS/Xet).
-The server records every request, the bearer token it carried and each commit with its decoded files.
+Every file is answered as a `regular` upload, so its bytes travel base64 inside the commit body (no LFS/Xet);
+a repo's files are what `add_repo` gave it plus what its commits added. Reads follow the Hub: a private repo
+is readable by its owner only (404 `RepoNotFound` to anyone else), a gated one (401 `GatedRepo`) by its owner
+and the accounts that accepted its conditions. The server records every request, the bearer token it carried
+(None when absent) and each commit with its decoded files.
 Failure injection: `hub.fail["commit"] = 500` answers that route with a 500, `= "drop"` closes the connection
 without an answer (what a network failure looks like to the client).
 """
@@ -24,7 +32,8 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,13 +82,35 @@ class Commit:
 
 @dataclass
 class Repo:
+    """A model repo: its visibility, its files (path in repo -> bytes), card license and commits.
+
+    A `gated` repo is readable only by its owner and the users in `accepted` (who accepted its conditions).
+    """
+
     repo_id: str
     private: bool
+    files: dict[str, bytes] = field(default_factory=dict)
+    license: str | None = None
+    gated: bool = False
+    accepted: set[str] = field(default_factory=set)
     commits: list[Commit] = field(default_factory=list)
 
     @property
     def owner(self) -> str:
         return self.repo_id.split("/")[0]
+
+    @property
+    def head(self) -> str:
+        """The commit id of the repo's last commit (zeros before any)."""
+        return self.commits[-1].oid if self.commits else "0" * 40
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the hub sends back: the body and its headers (a file's bytes, or JSON: `_json`)."""
+
+    data: bytes
+    headers: Mapping[str, str]
 
 
 class HubError(Exception):
@@ -121,9 +152,26 @@ class FakeHub:
         writable = role in WRITE_ROLES if can_write is None else can_write
         self.accounts[token] = Account(user=user, role=role, can_write=writable, orgs=tuple(orgs))
 
-    def add_repo(self, repo_id: str, *, private: bool = False) -> None:
-        """A repo that exists before the test, owned by its namespace."""
-        self.repos[repo_id] = Repo(repo_id=repo_id, private=private)
+    def add_repo(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        files: Mapping[str, bytes] | None = None,
+        license: str | None = None,
+        gated: bool = False,
+        accepted: Sequence[str] = (),
+    ) -> None:
+        """A repo that exists before the test, owned by its namespace, holding `files` (path -> bytes); a
+        `gated` one is readable by its owner and the users in `accepted`."""
+        self.repos[repo_id] = Repo(
+            repo_id=repo_id,
+            private=private,
+            files=dict(files or {}),
+            license=license,
+            gated=gated,
+            accepted=set(accepted),
+        )
 
     def tokens_seen(self, *routes: str) -> set[str]:
         """Bearer tokens the hub received, on the given routes only when some are named."""
@@ -155,7 +203,8 @@ class FakeHub:
     # --- request handling -------------------------------------------------------------------------
 
     def handle(self, method: str, path: str, token: str | None, body: bytes) -> object:
-        """Record and answer one request with a JSON-able value; raises HubError or DropConnection."""
+        """Record and answer one request with a JSON-able value or a `Reply`; raises HubError or
+        DropConnection."""
         route, params = _match_route(method, path)
         with self._lock:
             self.requests.append(SeenRequest(method, path, route, token))
@@ -180,6 +229,15 @@ class FakeHub:
             raise HubError(HTTPStatus.NOT_FOUND, "Repository not found", "RepoNotFound")
         if not account.can_write or repo.owner not in account.namespaces:
             raise HubError(HTTPStatus.FORBIDDEN, f"You don't have write access to {repo_id}")
+        return repo
+
+    def _check_read(self, token: str | None, ns: str, name: str) -> Repo:
+        repo = self.repos.get(f"{ns}/{name}")
+        account = self.accounts.get(token) if token is not None else None
+        if repo is None or (repo.private and (account is None or repo.owner not in account.namespaces)):
+            raise HubError(HTTPStatus.NOT_FOUND, "Repository not found", "RepoNotFound")
+        if repo.gated and (account is None or not {repo.owner, *repo.accepted} & account.namespaces):
+            raise HubError(HTTPStatus.UNAUTHORIZED, "Access to this repo is restricted", "GatedRepo")
         return repo
 
     def _whoami(self, token, body):
@@ -207,20 +265,30 @@ class FakeHub:
         return {"url": f"{self.url}/{repo_id}", "name": repo_id}
 
     def _repo_info(self, token, body, ns, name, rev=None):
-        repo = self.repos.get(f"{ns}/{name}")
-        readable = repo is not None and (
-            not repo.private or (token in self.accounts and repo.owner in self.accounts[token].namespaces)
-        )
-        if not readable:
-            raise HubError(HTTPStatus.NOT_FOUND, "Repository not found", "RepoNotFound")
-        head = repo.commits[-1].oid if repo.commits else "0" * 40
-        files = sorted({path for commit in repo.commits for path in commit.files})
+        repo = self._check_read(token, ns, name)
         return {
             "id": repo.repo_id,
             "private": repo.private,
-            "sha": head,
-            "siblings": [{"rfilename": f} for f in files],
+            "sha": repo.head,
+            "siblings": [{"rfilename": f} for f in sorted(repo.files)],
+            "cardData": {"license": repo.license} if repo.license else {},
         }
+
+    def _tree(self, token, body, ns, name, rev):
+        repo = self._check_read(token, ns, name)
+        return [_entry(path, data) for path, data in sorted(repo.files.items())]
+
+    def _paths_info(self, token, body, ns, name, rev):
+        repo = self._check_read(token, ns, name)
+        asked = urllib.parse.parse_qs(body.decode()).get("paths", [])
+        return [_entry(path, repo.files[path]) for path in asked if path in repo.files]
+
+    def _resolve(self, token, body, ns, name, rev, path):
+        repo = self._check_read(token, ns, name)
+        data = repo.files.get(urllib.parse.unquote(path))
+        if data is None:
+            raise HubError(HTTPStatus.NOT_FOUND, "Entry not found", "EntryNotFound")
+        return Reply(data, {"X-Repo-Commit": repo.head, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'})
 
     def _validate_yaml(self, token, body):
         content = json.loads(body)["content"]
@@ -250,6 +318,7 @@ class FakeHub:
         commit = Commit(repo.repo_id, header["summary"], header.get("description", ""), files, token, oid)
         with self._lock:
             repo.commits.append(commit)
+            repo.files.update(files)
             self.commits.append(commit)
         return {
             "commitOid": oid,
@@ -258,7 +327,13 @@ class FakeHub:
         }
 
 
+def _entry(path: str, data: bytes) -> dict:
+    """A file as the tree and paths-info routes list it."""
+    return {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+
+
 _NAME = r"(?P<ns>[\w.-]+)/(?P<name>[\w.-]+)"
+# (methods, path pattern, route name)
 ROUTES = (
     ("GET", re.compile(r"/api/whoami-v2"), "whoami"),
     ("POST", re.compile(r"/api/repos/create"), "create_repo"),
@@ -266,14 +341,17 @@ ROUTES = (
     ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
     ("POST", re.compile(rf"/api/models/{_NAME}/preupload/(?P<rev>[^/]+)"), "preupload"),
     ("POST", re.compile(rf"/api/models/{_NAME}/commit/(?P<rev>[^/]+)"), "commit"),
+    ("GET", re.compile(rf"/api/models/{_NAME}/tree/(?P<rev>[^/]+)"), "tree"),
+    ("POST", re.compile(rf"/api/models/{_NAME}/paths-info/(?P<rev>[^/]+)"), "paths_info"),
+    ("GET HEAD", re.compile(rf"/{_NAME}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve"),
 )
 
 
 def _match_route(method: str, path: str) -> tuple[str, dict[str, str]]:
     """The route name and its path parameters; ("unknown", {}) when no route matches."""
-    for route_method, pattern, route in ROUTES:
+    for route_methods, pattern, route in ROUTES:
         match = pattern.fullmatch(path.split("?")[0])
-        if match and route_method == method:
+        if match and method in route_methods.split():
             return route, {k: v for k, v in match.groupdict().items() if v is not None}
     return "unknown", {}
 
@@ -286,6 +364,9 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             """Quiet: the hub's record is `hub.requests`."""
 
         def do_GET(self) -> None:
+            self._serve()
+
+        def do_HEAD(self) -> None:
             self._serve()
 
         def do_POST(self) -> None:
@@ -306,23 +387,30 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             authorization = self.headers.get("Authorization", "")
             token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else None
             try:
-                self._reply(HTTPStatus.OK, hub.handle(self.command, self.path, token, body))
+                answer = hub.handle(self.command, self.path, token, body)
             except DropConnection:
                 self.close_connection = True
+                return
             except HubError as err:
                 headers = {"X-Error-Message": str(err)}
                 if err.error_code:
                     headers["X-Error-Code"] = err.error_code
-                self._reply(err.status, {"error": str(err), **err.extra}, headers)
+                self._reply(err.status, _json({"error": str(err), **err.extra}, headers))
+                return
+            self._reply(HTTPStatus.OK, answer if isinstance(answer, Reply) else _json(answer))
 
-        def _reply(self, status: int, answer: object, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(answer).encode()
+        def _reply(self, status: int, answer: Reply) -> None:
+            """Send `answer` (its headers only to a HEAD request)."""
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in (headers or {}).items():
+            for key, value in {**answer.headers, "Content-Length": str(len(answer.data))}.items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(answer.data)
 
     return Handler
+
+
+def _json(value: object, headers: Mapping[str, str] | None = None) -> Reply:
+    """A JSON reply."""
+    return Reply(json.dumps(value).encode(), {"Content-Type": "application/json", **(headers or {})})

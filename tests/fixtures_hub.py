@@ -1,4 +1,4 @@
-"""Fixtures for tests that push to the Hub: a loopback fake Hub, and huggingface_hub pointed at it.
+"""Fixtures for tests that talk to the Hub: a loopback fake Hub, and huggingface_hub pointed at it.
 
 conftest.py imports huggingface_hub offline (`HF_HUB_OFFLINE=1`) with the real endpoint. huggingface_hub reads
 `constants.ENDPOINT` and `constants.HF_HUB_OFFLINE` when a request is made, and every `HfApi()` created later
@@ -6,7 +6,8 @@ takes the endpoint from `constants.ENDPOINT`; so a test can go online against th
 and undo it afterwards. Two ways to use it:
 
 - In process: request `hub_online` (it implies `fake_hub`). For the test's duration it sets
-  `huggingface_hub.constants.ENDPOINT` to the fake hub's URL and `HF_HUB_OFFLINE` to False, points the
+  `huggingface_hub.constants.ENDPOINT` (and the download URL template `HUGGINGFACE_CO_URL_TEMPLATE`, built
+  from it at import) to the fake hub's URL and `HF_HUB_OFFLINE` to False, points the
   module-level `HfApi` behind `huggingface_hub.whoami()` (which gradio's mocked sign-in calls) at it, and sets
   the env vars in `fake_hub.env`: `HF_ENDPOINT`, `HF_HUB_OFFLINE=0` and `HF_TOKEN=SPACE_OWNER_TOKEN` (the
   Space owner's token: gradio's local sign-in mock needs one, and a push must never use it). All of it is
@@ -76,6 +77,9 @@ def fake_hub() -> Iterator[FakeHub]:
 def hub_online(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
     """huggingface_hub (in this process and in subprocesses started by the test) talks to `fake_hub`."""
     monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_api.api, "endpoint", fake_hub.url)
     for name, value in fake_hub.env.items():

@@ -197,7 +197,7 @@ def test_resize_from_a_public_hub_repo_is_anonymous(app_client, app_module, lora
     )
     assert _ranks(path) == {4}
     assert report["source"]["file"] == "lora-copy.safetensors"
-    assert lora_file_hub.tokens and set(lora_file_hub.tokens) == {None}  # never the Space owner's token
+    assert lora_file_hub.requests and {r.token for r in lora_file_hub.requests} == {None}  # not the Space owner's
     assert not any("source" in p.parts for p in _leftovers(app_module))
 
 
@@ -211,7 +211,7 @@ def test_resize_from_a_gated_repo_uses_the_visitors_token(app_url, lora_file_hub
     visitor = Client(app_url, verbose=False, oauth_token=GATED_READER_TOKEN)
     path, _ = visitor.predict(hub_repo=GATED_REPO, hub_file="lora.safetensors", rank=4, api_name="/resize")
     assert _ranks(path) == {4}
-    assert GATED_READER_TOKEN in lora_file_hub.tokens
+    assert GATED_READER_TOKEN in lora_file_hub.tokens_seen()
 
 
 def test_hub_listing_finds_safetensors_files(lora_file_hub, tmp_path):

@@ -77,6 +77,7 @@ def test_cli_process_prints_no_traceback(tmp_path):
         (["resize", "IN", "-o", "OUT", "--energy", "1.5"], "energy must be in"),
         (["resize", "IN", "-o", "OUT", "--target-size", "lots"], "cannot read size"),
         (["resize", "IN", "-o", "OUT", "--rank", "2", "--density", "0"], "density must be between 1e-06 and 1"),
+        (["resize", "IN", "-o", "OUT", "--rank", "2", "--density", "1e-300"], "a smaller density makes them overflow"),
         (["resize", "IN", "-o", "IN", "--rank", "2"], "is the input file"),
         (["resize", "IN", "-o", "OUT.pt", "--rank", "2"], "must be a .safetensors file"),
         (["resize", "IN", "-o", "NOWHERE/x.safetensors", "--rank", "2"], "folder does not exist"),

@@ -151,10 +151,12 @@ def test_a_client_cannot_make_the_app_read_a_server_path(app_url, app_module):
 @pytest.mark.parametrize(
     ("hub_repo", "hub_file", "fragment"),
     [
-        (PUBLIC_REPO, "../../../hub-escape.safetensors", "has no file"),
-        (PUBLIC_REPO, "nested/../../hub-escape.safetensors", "has no file"),
-        (PUBLIC_REPO, "/etc/hub-escape.safetensors", "has no file"),
-        (PUBLIC_REPO, "../../../etc/passwd", "pick a .safetensors file"),
+        (PUBLIC_REPO, "../../../hub-escape.safetensors", "give a path inside the repo"),
+        (PUBLIC_REPO, "nested/../../hub-escape.safetensors", "give a path inside the repo"),
+        (PUBLIC_REPO, "/etc/hub-escape.safetensors", "give a path inside the repo"),
+        (PUBLIC_REPO, "nested\\..\\..\\hub-escape.safetensors", "give a path inside the repo"),
+        (PUBLIC_REPO, "../../../etc/passwd", "give a path inside the repo"),
+        (PUBLIC_REPO, "passwd", "pick a .safetensors file"),
         ("../../etc", "lora.safetensors", "not a valid Hub repo id"),
         ("alice/../tiny-flux-lora", "lora.safetensors", "not a valid Hub repo id"),
         (f"{PUBLIC_REPO}/../..", "lora.safetensors", "not a valid Hub repo id"),

@@ -150,6 +150,21 @@ def test_an_input_replaced_during_the_run_is_noticed(big_lora, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(TEMPORARIES))
 
 
+def test_an_input_truncated_during_the_run_fails_with_one_line(big_lora, tmp_path):
+    """A memory-mapped input that shrinks kills its reader with SIGBUS; lora_ops reads with pread instead."""
+    source = tmp_path / "source.safetensors"
+    source.write_bytes(big_lora.read_bytes())
+    out = tmp_path / "out.safetensors"
+    process = _start_resize(source, out)
+    os.truncate(source, source.stat().st_size // 2)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and stderr.strip() in (
+        "error: source.safetensors was truncated while it was being read",
+        "error: source.safetensors changed while it was being resized; nothing was written",
+    )
+    assert not out.exists() and not list(tmp_path.glob(TEMPORARIES))
+
+
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, constants
 from PIL import Image
 
 import lora_ops
-from lora_ops import synthetic
+from lora_ops import sources, synthetic
 from lora_ops.hub import PushResult, push_resized
 from tests.fixtures_hub import (
     NO_WRITE_TOKEN,
@@ -368,3 +368,24 @@ def test_push_from_a_process_that_imports_huggingface_hub_with_hf_endpoint_set(f
     assert [commit.repo_id for commit in fake_hub.commits] == [REPO_ID]
     assert child.stdout.strip() == f"{fake_hub.url}/{REPO_ID}/commit/{fake_hub.commits[0].oid}"
     assert fake_hub.tokens_seen() == {VISITOR_TOKEN}
+
+
+@pytest.mark.parametrize(
+    "failure, problem",
+    [
+        (500, "the Hub failed to {action} (HTTP 500); try again later"),
+        ("drop", "network failure while trying to {action}: could not reach the Hub; try again"),
+        ("offline", "cannot reach the Hub to {action}: this machine is offline (HF_HUB_OFFLINE is set)"),
+    ],
+)
+def test_reading_a_repo_gets_the_same_one_line_messages_as_a_push(hub_online, monkeypatch, tmp_path, failure, problem):
+    """`lora_ops.sources` maps the Hub's failures with the table a push uses (`HUB_ERRORS`)."""
+    if failure == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:
+        hub_online.fail["paths_info"] = failure
+    with pytest.raises(lora_ops.LoraError) as caught:
+        sources.download_lora(OTHER_REPO, "lora.safetensors", tmp_path, token=VISITOR_TOKEN, max_bytes=10**6)
+    assert str(caught.value) == problem.format(action=f"download lora.safetensors from {OTHER_REPO}")
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert hub_online.routes_seen() == ([] if failure == "offline" else ["paths_info"])

@@ -75,6 +75,19 @@ def test_a_batch_gives_what_each_delta_gives_alone():
         assert torch.allclose(new_up[index] @ new_down[index], alone_up @ alone_down, atol=1e-12)
 
 
+def test_select_keeps_the_chosen_deltas_of_a_batch():
+    pairs = [_factors(30, 20, 6, seed) for seed in range(3)]
+    scales = torch.tensor([0.5, 1.0, -2.0], dtype=torch.float64)
+    batch = linalg.Factors.of(torch.stack([d for d, _ in pairs]), torch.stack([u for _, u in pairs]), scales)
+    thin = linalg.FactorSVD.of(batch)
+    chosen, chosen_thin = batch.select([2, 0]), thin.select([2, 0])
+    assert torch.equal(chosen.down, batch.down[[2, 0]]) and torch.equal(chosen.scale, scales[[2, 0]])
+    assert torch.equal(chosen.gram_up, batch.gram_up[[2, 0]]) and torch.equal(chosen_thin.s, thin.s[[2, 0]])
+    new_down, new_up = linalg.svd(chosen_thin, 2).apply(chosen)
+    alone_down, alone_up = linalg.svd(linalg.FactorSVD.of(batch.select([0])), 2).apply(batch.select([0]))
+    assert torch.allclose(new_up[1] @ new_down[1], alone_up[0] @ alone_down[0], atol=1e-12)
+
+
 @pytest.mark.parametrize(("m", "n", "r"), SHAPES)
 def test_relative_error_matches_dense(m, n, r):
     down, up = _factors(m, n, r)
