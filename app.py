@@ -18,6 +18,9 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from gradio import route_utils
+from gradio.data_classes import PredictBodyInternal
+from gradio.queueing import Queue
 from PIL import Image
 
 import lora_ops
@@ -29,8 +32,18 @@ HUB_EXAMPLES = ["glif/how2draw", "cocktailpeanut/optimus"]
 ON_SPACE = os.environ.get("SYSTEM") == "spaces"  # gradio's own test: real sign-in there, a mock elsewhere
 MAX_FILE_BYTES = 1024**3
 LAUNCH_OPTIONS = {"max_file_size": MAX_FILE_BYTES}
-QUEUE_SIZE = 32
+QUEUE_SIZE = 32  # events waiting, all kinds together (gradio's own cap); pure-UI events skip the queue
 CPU_CONCURRENCY = 2  # resize and compare share the CPU
+WAITING_LIMITS = {"cpu": 16, "gpu": 4}
+"""Events each concurrency group ("cpu": resize and compare; "gpu": previews) may have waiting. Gradio's `max_size`
+counts the waiting events of every kind, so without these a backlog of previews, each holding the GPU for a minute,
+would refuse resizes too; together they stay well under `QUEUE_SIZE`."""
+OAUTH_SCOPES = {
+    "gated-repos": "read the gated Hub repos whose conditions the visitor accepted",
+    "write-repos": "read the visitor's private repos and commit the resized LoRA to the visitor's repo",
+    "manage-repos": "create that repo",
+}
+"""Every sign-in scope the app uses and why; the README's front matter (`hf_oauth_scopes`) asks for these, no more."""
 CACHE_CLEANING = (1800, 3600)  # every 30 min, delete files older than 1 h
 
 METHOD_CHOICES = [
@@ -325,6 +338,30 @@ def compare_methods(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _limit_waiting(queue: Queue, limits: dict[str, int]) -> None:
+    """Refuse a new event as "queue full" when its concurrency group already has `limits[group]` events waiting.
+
+    Wraps the queue's `push` (gradio has one `max_size` for all events), so an API client gets gradio's usual
+    queue-full answer and the page its usual toast, for that kind of event only.
+    """
+    push = queue.push
+
+    async def push_within_limits(body: PredictBodyInternal, request: object, username: str | None) -> tuple:
+        group = route_utils.get_fn(queue.blocks, None, body).concurrency_id if body.fn_index is not None else None
+        waiting = queue.event_queue_per_concurrency_id.get(group)
+        if group in limits and waiting is not None and len(waiting.queue) >= limits[group]:
+            return False, f"{limits[group]} {group} events are already waiting: try again in a minute", "queue_full"
+        return await push(body=body, request=request, username=username)
+
+    queue.push = push_within_limits
+
+
+def show_gpu_time(prompts: str, steps: float, width: float, height: float, include_base: bool) -> str:
+    """The GPU seconds the preview will ask for with these settings, shown before the click."""
+    count = sum(1 for line in (prompts or "").splitlines() if line.strip())
+    return preview.gpu_time_markdown(count, int(steps), int(width), int(height), include_base)
+
+
 def build_app() -> gr.Blocks:
     """The Blocks app, queued but not launched."""
     with gr.Blocks(title="LoRA resizer", delete_cache=CACHE_CLEANING) as app:
@@ -415,8 +452,8 @@ def build_app() -> gr.Blocks:
             with gr.Column(scale=1):
                 prompts = gr.Textbox(
                     "\n".join(preview.DEFAULT_PROMPTS),
-                    lines=len(preview.DEFAULT_PROMPTS),
-                    label=f"prompts, one per line (at most {preview.MAX_PROMPTS})",
+                    lines=preview.MAX_PROMPTS,
+                    label=f"prompts, one per line (at most {preview.MAX_PROMPTS}; each adds GPU time)",
                 )
                 with gr.Row():
                     preview_seed = gr.Number(0, precision=0, label="seed (image i uses seed + i)")
@@ -430,6 +467,10 @@ def build_app() -> gr.Blocks:
                         0, preview.MAX_GUIDANCE, value=preview.DEFAULT_GUIDANCE, step=0.5, label="guidance scale"
                     )
                     include_base = gr.Checkbox(False, label="add a base model column (no LoRA)")
+                gpu_time = gr.Markdown(
+                    show_gpu_time(prompts.value, steps.value, width.value, height.value, include_base.value),
+                    elem_id="gpu-time",
+                )
                 preview_button = gr.Button("Render preview", variant="primary", interactive=not PREVIEW_UNAVAILABLE)
             with gr.Column(scale=2):
                 grid = gr.Image(label="original | resized", type="pil", format="png", interactive=False)
@@ -453,8 +494,8 @@ def build_app() -> gr.Blocks:
 
         # Source -> inspect report -> summary and plot.
         lora_file.upload(inspect_lora, lora_file, inspect_report, api_name="inspect")
-        lora_file.upload(lambda: "", None, source_repo, api_visibility="private")
-        lora_file.clear(lambda: None, None, inspect_report, api_visibility="private")
+        lora_file.upload(lambda: "", None, source_repo, api_visibility="private", queue=False)
+        lora_file.clear(lambda: None, None, inspect_report, api_visibility="private", queue=False)
         list_button.click(list_hub_files, hub_repo, hub_file, api_visibility="private")
         load_button.click(
             load_hub_file, [hub_repo, hub_file], [lora_file, source_repo], api_visibility="private"
@@ -465,7 +506,8 @@ def build_app() -> gr.Blocks:
             [inspect_report, rank],
             [inspect_summary, rank, resize_report, resized_file, result_summary, layers_table],
             api_visibility="private",
-        ).then(show_plot, plot_inputs, [plot, budget_summary], api_visibility="private")
+            queue=False,
+        ).then(show_plot, plot_inputs, [plot, budget_summary], api_visibility="private", queue=False)
         gr.on(
             [rank.release, budget_kind.change, budget_value.change],
             show_plot,
@@ -473,8 +515,18 @@ def build_app() -> gr.Blocks:
             [plot, budget_summary],
             api_visibility="private",
             trigger_mode="always_last",
+            queue=False,
         )
-        method.change(show_method_controls, method, [niter, density, seed], api_visibility="private")
+        method.change(show_method_controls, method, [niter, density, seed], api_visibility="private", queue=False)
+        gr.on(
+            [prompts.change, steps.change, width.change, height.change, include_base.change],
+            show_gpu_time,
+            [prompts, steps, width, height, include_base],
+            gpu_time,
+            api_visibility="private",
+            trigger_mode="always_last",
+            queue=False,
+        )
 
         # Resize, compare, preview, push.
         resize_button.click(
@@ -484,9 +536,9 @@ def build_app() -> gr.Blocks:
             api_name="resize",
             concurrency_limit=CPU_CONCURRENCY,
             concurrency_id="cpu",
-        ).success(show_result, resize_report, [result_summary, layers_table], api_visibility="private").then(
-            show_plot, plot_inputs, [plot, budget_summary], api_visibility="private"
-        )
+        ).success(
+            show_result, resize_report, [result_summary, layers_table], api_visibility="private", queue=False
+        ).then(show_plot, plot_inputs, [plot, budget_summary], api_visibility="private", queue=False)
         compare_button.click(
             compare_methods,
             [lora_file, rank, niter, density, seed],
@@ -509,11 +561,12 @@ def build_app() -> gr.Blocks:
             push_result,
             api_name="push",
             concurrency_limit=CPU_CONCURRENCY,
-        ).success(show_push_result, push_result, push_link, api_visibility="private")
+        ).success(show_push_result, push_result, push_link, api_visibility="private", queue=False)
     for function in app.fns.values():
         if function.name == "_check_login_status":  # the LoginButton's own page-load event
             function.api_visibility = "undocumented"
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CPU_CONCURRENCY)
+    _limit_waiting(app._queue, WAITING_LIMITS)
     return app
 
 

@@ -251,10 +251,15 @@ class TensorReader:
         if os.fstat(self._fd).st_size != header.file_bytes:
             raise LoraError(f"{path.name} changed while it was being read")
 
-    def get_tensor(self, key: str) -> torch.Tensor:
-        """The tensor ``key``, read from the file into memory of its own."""
+    def nbytes(self, key: str) -> int:
+        """The size in bytes of tensor ``key``."""
+        return self._header.tensors[key].nbytes
+
+    def get_tensor(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key``, read from the file into memory of its own, or into ``buffer`` (a 1-D uint8 tensor of
+        at least its size, 8-byte aligned): the result is then a view of ``buffer``, valid until it is reused."""
         info, start = self._header.tensors[key], self._header.offsets[key]
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        data = torch.empty(info.nbytes, dtype=torch.uint8) if buffer is None else buffer[: info.nbytes]
         if info.nbytes and os.preadv(self._fd, [data.numpy()], start) != info.nbytes:
             raise LoraError(f"{self._path.name} was truncated while it was being read")
         return data.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)

@@ -16,10 +16,12 @@ Wiring in a Space (ZeroGPU)::
 
     result = preview.render_comparison(original_path, resized_path, prompts, seed, steps, width, height, 3.5)
 
-Only `render_images` runs on the GPU: it is wrapped in `spaces.GPU(duration=gpu_duration)`, and on ZeroGPU
+Only `render_on_gpu` runs on the GPU: it is wrapped in `spaces.GPU(duration=gpu_duration)`, and on ZeroGPU
 it runs in a forked worker. Its arguments and results are plain picklable values (paths, strings, PIL images),
-so a `progress` callback must be picklable too: an object holding a `gr.Progress`, not a lambda. Everything
-else (checking files, the image cache, metrics, the grid) runs in the caller's process.
+so a `progress` callback must be picklable too: an object holding a `gr.Progress`, not a lambda. A `LoraError`
+met there comes back as a value (`GpuFailure`) and `render_images` raises it again in the caller's process, so
+its message survives ZeroGPU. Everything else (checking files, the image cache, metrics, the grid) runs in the
+caller's process.
 """
 
 from __future__ import annotations
@@ -55,17 +57,18 @@ DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 
 DEFAULT_PROMPTS = (
     "a dolphin, How2Draw",
-    "Yorkshire Terrier with smile, How2Draw",
     "a druid, How2Draw",
-    "sunflower, How2Draw",
 )
-"""Four of the six example prompts of the glif/how2draw model card, the LoRA the project's seed script resized
-(the short ones that use the trigger word)."""
+"""Two of the six example prompts of the glif/how2draw model card, the LoRA the project's seed script resized
+(short ones that use the trigger word). Two prompts at 512x512 keep the default preview inside an anonymous
+visitor's daily ZeroGPU quota with room to spare (see `DEFAULT_REQUEST`); visitors add prompts knowingly."""
 
 DEFAULT_STEPS = 20
 """FLUX.1-dev is usually run with 28 steps; 20 give finished images for about 30% less GPU time, and both
 columns use the same steps, so the comparison stays fair."""
-DEFAULT_SIZE = 1024
+DEFAULT_SIZE = 512
+"""FLUX.1-dev renders clean 512x512 images; a quarter of the pixels of 1024x1024 takes under a third of its GPU time
+(`estimate_gpu_seconds`), and both columns use the same size, so the comparison stays fair."""
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
@@ -77,13 +80,25 @@ MAX_STEPS = 50
 MAX_GUIDANCE = 20.0
 MAX_SEED = 2**32 - 1
 
-GPU_SECONDS_LIMIT = 300
-"""The longest GPU task a preview may ask for: a free Hugging Face account's daily ZeroGPU quota (5 minutes)."""
 SECONDS_FIXED = 20.0  # per task: moving weights in, loading the two LoRA files as adapters
 SECONDS_PER_IMAGE = 2.0  # per image: both text encoders and the VAE decoder
 SECONDS_PER_STEP_MEGAPIXEL = (0.9, 0.1)
 """(linear, quadratic) seconds of one FLUX.1-dev bf16 denoising step per megapixel (2**20 pixels) on half an RTX
-Pro 6000: the MLPs grow with the pixel count, attention with its square. Estimated, not measured."""
+Pro 6000: the MLPs grow with the pixel count, attention with its square. Estimated, not measured: replace them with
+what `benchmarks/gpu_seconds.py` measures on the hardware."""
+
+ZEROGPU_DURATION_FACTOR = 1.5
+"""ZeroGPU asks its scheduler for (and counts against the visitor's quota) the duration a task requests times the
+`duration_factor` of the GPU it runs on (`spaces` package, `zero/configs.json` and `zero.client.get_duration_seconds`):
+1.5 on the RTX Pro 6000 that ZeroGPU runs on now. It does not apply to `xlarge` tasks, which a Space gets only when
+its weights exceed the GPU's `xlarge_threshold` (45 GB); FLUX.1-dev in bf16 is about 34 GB."""
+
+DAILY_GPU_QUOTAS = (("anonymous visitor", 120), ("free account", 300), ("PRO account", 2400))
+"""Seconds of ZeroGPU each kind of visitor gets a day (Hugging Face's ZeroGPU documentation)."""
+
+GPU_SECONDS_LIMIT = dict(DAILY_GPU_QUOTAS)["free account"]
+"""The most seconds a preview may ask ZeroGPU for (after `ZEROGPU_DURATION_FACTOR`): a free account's daily quota.
+Larger previews are refused before anything is rendered, on any hardware."""
 
 FLUX_FLAVOURS = frozenset(
     {
@@ -173,17 +188,88 @@ def base_model_name() -> str:
 # --- GPU time ---------------------------------------------------------------------------------------------
 
 
+def image_seconds(
+    steps: int,
+    width: int,
+    height: int,
+    per_image: float = SECONDS_PER_IMAGE,
+    per_step_megapixel: tuple[float, float] = SECONDS_PER_STEP_MEGAPIXEL,
+) -> float:
+    """Seconds of GPU one image of `width` x `height` with `steps` steps takes, the per-task part left out
+    (`per_image` and `per_step_megapixel` default to the estimate's constants; a benchmark passes measured ones)."""
+    megapixels = width * height / 2**20
+    linear, quadratic = per_step_megapixel
+    return per_image + steps * (linear * megapixels + quadratic * megapixels**2)
+
+
 def estimate_gpu_seconds(images: int, steps: int, width: int, height: int) -> int:
     """Seconds of GPU a task needs to render `images` images of `width` x `height` with `steps` steps each."""
-    megapixels = width * height / 2**20
-    linear, quadratic = SECONDS_PER_STEP_MEGAPIXEL
-    per_image = SECONDS_PER_IMAGE + steps * (linear * megapixels + quadratic * megapixels**2)
-    return math.ceil(SECONDS_FIXED + images * per_image)
+    return math.ceil(SECONDS_FIXED + images * image_seconds(steps, width, height))
 
 
 def gpu_duration(job: RenderJob, progress: Progress | None = None) -> int:
-    """`spaces.GPU`'s duration callable: it receives `render_images`' arguments."""
+    """`spaces.GPU`'s duration callable: it receives `render_on_gpu`'s arguments."""
     return estimate_gpu_seconds(job.image_count, job.steps, job.width, job.height)
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    """The GPU time of a task that renders `images` images: `estimated` seconds (the duration it asks for) and
+    `requested`, what ZeroGPU asks its scheduler for and counts against the visitor's daily quota."""
+
+    images: int
+    estimated: int
+
+    @property
+    def requested(self) -> int:
+        """`estimated` times `ZEROGPU_DURATION_FACTOR`, rounded as `spaces.zero.client.schedule` rounds it."""
+        return round(self.estimated * ZEROGPU_DURATION_FACTOR)
+
+    @property
+    def arithmetic(self) -> str:
+        """`70 s (47 s estimated × 1.5 on ZeroGPU)`."""
+        return f"{self.requested} s ({self.estimated} s estimated × {ZEROGPU_DURATION_FACTOR:g} on ZeroGPU)"
+
+    def quotas_allowing(self) -> list[str]:
+        """The kinds of visitor (`DAILY_GPU_QUOTAS`) whose whole daily quota covers this request."""
+        return [who for who, seconds in DAILY_GPU_QUOTAS if self.requested <= seconds]
+
+
+def gpu_request(images: int, steps: int, width: int, height: int) -> GpuRequest:
+    """The GPU time of rendering `images` images (only those not cached count) with these settings."""
+    return GpuRequest(images, estimate_gpu_seconds(images, steps, width, height))
+
+
+DEFAULT_REQUEST = gpu_request(2 * len(DEFAULT_PROMPTS), DEFAULT_STEPS, DEFAULT_SIZE, DEFAULT_SIZE)
+"""The default preview's GPU time: the default prompts in the original and resized columns, nothing cached."""
+
+
+def check_gpu_request(request: GpuRequest) -> None:
+    """Refuse, in one line with its arithmetic, a request over `GPU_SECONDS_LIMIT`."""
+    if request.requested > GPU_SECONDS_LIMIT:
+        raise LoraError(
+            f"this preview of {request.images} images needs about {request.arithmetic}, over the "
+            f"{GPU_SECONDS_LIMIT} s limit (a free account's daily quota; anonymous visitors get "
+            f"{dict(DAILY_GPU_QUOTAS)['anonymous visitor']} s): use fewer prompts or steps, or a smaller size"
+        )
+
+
+def gpu_time_markdown(prompts: int, steps: int, width: int, height: int, include_base: bool) -> str:
+    """What a preview with these settings asks ZeroGPU for, before the click, and whose daily quota allows it.
+
+    Counts every image (the cache may spare some: the original and base columns after a first preview).
+    """
+    request = gpu_request(prompts * (3 if include_base else 2), steps, width, height)
+    quotas = ", ".join(f"{who} {seconds} s" for who, seconds in DAILY_GPU_QUOTAS)
+    if request.requested > GPU_SECONDS_LIMIT:
+        verdict = f"over the {GPU_SECONDS_LIMIT} s limit: use fewer prompts or steps, or a smaller size"
+    else:
+        verdict = "fits the daily quota of: " + ", ".join(request.quotas_allowing())
+    return (
+        f"**GPU time: at most {request.arithmetic}** for {request.images} images; {verdict}. "
+        f"Daily ZeroGPU quotas: {quotas}. Images already rendered with the same file and settings are not "
+        "counted again. Estimates, not measured yet."
+    )
 
 
 # --- the pipeline holder --------------------------------------------------------------------------------
@@ -293,9 +379,34 @@ def load_base_pipeline() -> FluxPipeline:
 # --- rendering on the GPU -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GpuFailure:
+    """A `LoraError` raised on the GPU, returned as a value. ZeroGPU shows any exception of its worker that is
+    not a `gr.Error` as "ZeroGPU worker error" with the exception's class name for message (`spaces.zero.wrappers`),
+    so the GPU function returns the one-line message and the caller raises it again in the app's process."""
+
+    message: str
+
+
 @spaces.GPU(duration=gpu_duration)
+def render_on_gpu(job: RenderJob, progress: Progress | None = None) -> dict[str, dict[int, Image.Image]] | GpuFailure:
+    """The GPU function: `render_images`' images, or a `GpuFailure` carrying the `LoraError` it met."""
+    try:
+        return _render_job(job, progress)
+    except LoraError as error:
+        return GpuFailure(str(error))
+
+
 def render_images(job: RenderJob, progress: Progress | None = None) -> dict[str, dict[int, Image.Image]]:
-    """Render the job's images: {column name: {prompt index: image}}. Image i uses the seed `job.seed + i`."""
+    """Render the job's images on the GPU: {column name: {prompt index: image}}. Image i uses the seed
+    `job.seed + i`. Raises the `LoraError` met on the GPU, with its message, here and on ZeroGPU alike."""
+    outcome = render_on_gpu(job, progress)
+    if isinstance(outcome, GpuFailure):
+        raise LoraError(outcome.message)
+    return outcome
+
+
+def _render_job(job: RenderJob, progress: Progress | None) -> dict[str, dict[int, Image.Image]]:
     total = job.image_count * job.steps
     done = 0
 
@@ -311,12 +422,14 @@ def render_images(job: RenderJob, progress: Progress | None = None) -> dict[str,
         pipe = HOLDER.pipeline(job.base_model)
         for column in job.columns:
             HOLDER.activate(pipe, column.lora)
-            images[column.name] = {index: _render_one(pipe, job, index, count_step) for index in column.indices}
+            images[column.name] = {index: render_one(pipe, job, index, count_step) for index in column.indices}
     return images
 
 
-def _render_one(pipe: FluxPipeline, job: RenderJob, index: int, on_step: Callable) -> Image.Image:
-    """One image; the generator lives on the CPU so that a seed gives the same noise on every device."""
+def render_one(pipe: FluxPipeline, job: RenderJob, index: int, on_step: Callable) -> Image.Image:
+    """Image `index` of `job` (prompt `job.prompts[index]`, seed `job.seed + index`), exactly as a preview renders
+    it; `on_step` is diffusers' `callback_on_step_end`. The generator lives on the CPU so that a seed gives the same
+    noise on every device."""
     try:
         return pipe(
             job.prompts[index],
@@ -486,12 +599,7 @@ def render_comparison(
         ColumnJob(name, loras[name], tuple(i for i, image in images[name].items() if image is None)) for name in columns
     )
     job = replace(plan, columns=tuple(column for column in missing if column.indices))
-    needed = gpu_duration(job)
-    if needed > GPU_SECONDS_LIMIT:
-        raise LoraError(
-            f"this preview needs about {needed} s of GPU, over the {GPU_SECONDS_LIMIT} s limit: "
-            "use fewer prompts or steps, or a smaller size"
-        )
+    check_gpu_request(GpuRequest(job.image_count, gpu_duration(job)))
     if job.image_count:
         for name, rendered in render_images(job, progress).items():
             for index, image in rendered.items():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -142,22 +144,38 @@ def _scale_carriers(lora: LoraFile, scale_source: str) -> list[str]:
     return [carrier(module) for module in lora.modules]
 
 
-# Storage dtypes whose values float32 holds exactly: their products on the tall factors run in float32.
+# Storage dtypes whose values float32 holds exactly: their products on the tall factors run in float32, except
+# for the layers linalg.float32_suffices sends back to float64 (see _factors).
 EXACT_IN_FLOAT32 = {"F16", "BF16"}
 
 
-def _read_pair(handle, module: LoraModule) -> tuple[Tensor, Tensor]:
-    """The module's stored factors as matrices (views of the file): ``down [r, n]`` and ``up [m, r]``."""
-    down, up = handle.get_tensor(module.down_key), handle.get_tensor(module.up_key)
+# Reads one module's stored factors when called: a batch's pairs are read by the worker that stacks them, one pair
+# at a time, so that only the pairs being copied are in memory, not the batches waiting for a worker.
+PairReader = Callable[[], tuple[Tensor, Tensor]]
+
+
+def _read_pair(handle, module: LoraModule, buffers: threading.local) -> tuple[Tensor, Tensor]:
+    """The module's stored factors as matrices, ``down [r, n]`` and ``up [m, r]``: views of this thread's buffer in
+    ``buffers``, valid until the thread's next read. Each thread reuses one buffer: fresh memory for every tensor
+    would cost a page fault and zeroing per 4 kB, about as much as the read itself."""
+    down_bytes, up_bytes = (handle.nbytes(key) for key in (module.down_key, module.up_key))
+    split = -(-down_bytes // 8) * 8  # up starts 8-byte aligned
+    buffer = getattr(buffers, "buffer", None)
+    if buffer is None or buffer.numel() < split + up_bytes:
+        buffer = buffers.buffer = torch.empty(split + up_bytes, dtype=torch.uint8)
+    down = handle.get_tensor(module.down_key, buffer[:split])
+    up = handle.get_tensor(module.up_key, buffer[split:])
     return down.reshape(module.rank, -1), up.reshape(up.shape[0], module.rank)
 
 
 def _read_batches(
     handle, modules: tuple[LoraModule, ...], batches: list[list[int]], scales: list[float]
 ) -> Iterator[tuple[list[LoraModule], list[tuple[Tensor, Tensor]], list[float]]]:
-    """Per batch of module indices: the modules, their :func:`_read_pair` factors and their ``scales``."""
+    """Per batch of module indices: the modules, a :data:`PairReader` of each one's factors and their ``scales``."""
+    buffers = threading.local()  # one read buffer per thread, for the duration of this reading
     for batch in batches:
-        yield [modules[i] for i in batch], [_read_pair(handle, modules[i]) for i in batch], [scales[i] for i in batch]
+        readers = [functools.partial(_read_pair, handle, modules[i], buffers) for i in batch]
+        yield [modules[i] for i in batch], readers, [scales[i] for i in batch]
 
 
 def _batches(modules: tuple[LoraModule, ...], ranks: list[int]) -> list[list[int]]:
@@ -176,25 +194,28 @@ def _batches(modules: tuple[LoraModule, ...], ranks: list[int]) -> list[list[int
 
 
 def _factors(
-    modules: list[LoraModule], stored: list[tuple[Tensor, Tensor]], scales: list[float], device: str, kept: int
+    modules: list[LoraModule], stored: list[PairReader], scales: list[float], device: str, kept: int
 ) -> list[tuple[list[int], linalg.Factors, linalg.FactorSVD]]:
-    """A batch of modules' :func:`_read_pair` factors, stacked ``[B, r, n]`` and ``[B, m, r]``, with their Gram
+    """A batch of modules' factors (read by ``stored``), stacked ``[B, r, n]`` and ``[B, m, r]``, with their Gram
     matrices and thin SVDs, as parts ``(indices into the batch, factors, SVDs)``; NaN/Inf refused.
 
     16-bit factors are copied to float32, others to float64. Modules whose float32 result loses accuracy in its
-    leading ``kept`` directions (:func:`linalg.float32_suffices`: nearly low-rank layers) are solved again from
+    leading ``kept`` directions (:func:`linalg.float32_suffices`: nearly low-rank layers; ``kept`` is the new rank
+    of a reduction, the full rank for a spectrum, 0 when the factors are kept as they are) are solved again from
     float64 copies, as a second part; the whole batch is, if a float32 Gram matrix overflows (values above about
     1e19)."""
     everything = list(range(len(modules)))
-    down_shape, up_shape = stored[0][0].shape, stored[0][1].shape  # one shape per batch
+    first = modules[0]  # one shape per batch
+    down_shape, up_shape = (first.rank, first.in_features), (first.out_features, first.rank)
 
     def stack(index: list[int], dtype: torch.dtype) -> linalg.Factors:
         # copied and converted in one pass into the stacked tensors (torch.stack would copy the 16-bit data first)
         downs = torch.empty((len(index), *down_shape), dtype=dtype, device=device)
         ups = torch.empty((len(index), *up_shape), dtype=dtype, device=device)
         for row, item in enumerate(index):
-            downs[row].copy_(stored[item][0])
-            ups[row].copy_(stored[item][1])
+            down, up = stored[item]()
+            downs[row].copy_(down)
+            ups[row].copy_(up)
         factors_scales = torch.tensor([scales[item] for item in index], dtype=torch.float64, device=device)
         return linalg.Factors.of(downs, ups, factors_scales)
 
@@ -216,7 +237,7 @@ def _factors(
     finite = double.finite().tolist()
     if all(finite):
         return [solved(everything, double)]
-    module, (down, up) = next((m, pair) for m, pair, ok in zip(modules, stored, finite) if not ok)
+    module, (down, up) = next((m, read()) for m, read, ok in zip(modules, stored, finite) if not ok)
     bad = [key for key, tensor in zip((module.down_key, module.up_key), (down, up)) if not tensor.isfinite().all()]
     raise LoraError(f"{bad[0]!r} contains NaN or Inf values" if bad else f"module {module.name!r}: values too large")
 
@@ -525,12 +546,12 @@ def resize_file(
 
 def _resize_batch(
     modules: list[LoraModule],
-    stored: list[tuple[Tensor, Tensor]],
+    stored: list[PairReader],
     folds: list[float],
     rank: int,
     options: ResizeOptions,
 ) -> list[tuple[dict, Tensor, Tensor]]:
-    """Resize a batch of modules from their :func:`_read_pair` factors: each one's report row and the factors to
+    """Resize a batch of modules from their factors (read by ``stored``): each one's report row and the factors to
     store (``folds``: the scales left in the factors; the rows' singular values are those of the folded deltas).
     A reduction of a nearly low-rank 16-bit layer is solved in float64 (see :func:`_factors`)."""
     first = modules[0]

@@ -162,16 +162,21 @@ def download_lora(
 ) -> Path:
     """Download `filename` of model repo `repo_id` into `directory` and return its local path.
 
-    Refuses names that are not `.safetensors` and, before downloading, files larger than `max_bytes`.
+    Refuses names that are not `.safetensors` and, before downloading, files larger than `max_bytes`. With
+    `max_bytes`, the commit `main` points to is resolved once and both the size check and the download read that
+    commit, so a push between them cannot slip a larger file past the check.
     """
     repo_id = _checked_repo_id(repo_id)
     filename = _checked_file_name(repo_id, filename)
     if not filename.endswith(SUFFIX):
         raise LoraError(f"pick a {SUFFIX} file of {repo_id}, not {filename!r}")
+    revision = None
     try:
         with hub_errors(f"download {filename} from {repo_id}", repo_id, filename):
             if max_bytes is not None:
-                infos = HfApi().get_paths_info(repo_id, [filename], token=token or False)
+                api = HfApi()
+                revision = api.model_info(repo_id, token=token or False).sha
+                infos = api.get_paths_info(repo_id, [filename], revision=revision, token=token or False)
                 size = next((getattr(info, "size", None) for info in infos), None)
                 if size is None and not infos:
                     raise LoraError(f"{repo_id} has no file {filename}")
@@ -179,7 +184,7 @@ def download_lora(
                     raise LoraError(
                         f"{filename} is {format_size(size)}, over this app's {format_size(max_bytes)} limit"
                     )
-            local = hf_hub_download(repo_id, filename, local_dir=directory, token=token or False)
+            local = hf_hub_download(repo_id, filename, revision=revision, local_dir=directory, token=token or False)
     finally:
         shutil.rmtree(Path(directory) / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
     return Path(local)

@@ -8,12 +8,15 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.utils import QueueError
 from PIL import Image
 from safetensors import safe_open
 
@@ -233,6 +236,18 @@ def test_hub_listing_finds_safetensors_files(lora_file_hub, tmp_path):
     ]
 
 
+def test_a_hub_download_reads_one_commit_for_the_size_check_and_the_bytes(lora_file_hub, tmp_path):
+    """The commit `main` points to is resolved once; the size check and the download both name it."""
+    from lora_ops import sources
+
+    sources.download_lora(PUBLIC_REPO, "lora.safetensors", tmp_path, max_bytes=10**6)
+    commit = lora_file_hub.repos[PUBLIC_REPO].head
+    reads = [r for r in lora_file_hub.requests if r.route in {"paths_info", "resolve"}]
+    assert {r.route for r in reads} == {"paths_info", "resolve"}
+    assert all(f"/{commit}" in r.path and "/main" not in r.path for r in reads), [r.path for r in reads]
+    assert [r.route for r in lora_file_hub.requests].count("repo_info") == 1
+
+
 def test_hub_license_is_carried_over_where_known(lora_file_hub):
     from lora_ops import sources
 
@@ -352,3 +367,85 @@ def test_push_without_sign_in_is_refused(app_url, hub_online):
     with pytest.raises(AppError, match="not signed in"):
         anonymous.predict(resized_file=handle_file(resized), report=report, api_name="/push")
     assert hub_online.commits == []
+
+
+def test_page_only_events_skip_the_queue(app_module):
+    """Sliders, plots and summaries never wait behind (or count against) queued resizes and previews."""
+    by_name: dict[str, set[bool]] = {}
+    for function in app_module.demo.fns.values():
+        by_name.setdefault(function.name, set()).add(function.queue)
+    page_only = ["show_inspection", "show_plot", "show_result", "show_method_controls", "show_push_result"]
+    assert {name: by_name[name] for name in [*page_only, "show_gpu_time"]} == dict.fromkeys(
+        [*page_only, "show_gpu_time"], {False}
+    )
+    work = ["inspect_lora", "resize_lora", "compare_methods", "preview_lora", "push_lora", "load_hub_file"]
+    assert {name: by_name[name] for name in work} == dict.fromkeys(work, {True})
+
+
+def test_the_page_shows_the_previews_gpu_seconds_before_the_click(app_module):
+    from lora_ops import preview
+
+    shown = next(block for block in app_module.demo.blocks.values() if block.elem_id == "gpu-time")
+    default = preview.DEFAULT_REQUEST
+    assert f"at most {default.requested} s ({default.estimated} s estimated × 1.5" in shown.value
+    grown = app_module.show_gpu_time("a cat\n\na dog\na fox", 28, 768, 1024, True)
+    request = preview.gpu_request(9, 28, 768, 1024)
+    assert f"at most {request.requested} s ({request.estimated} s estimated" in grown
+
+
+def test_each_kind_of_work_has_its_own_waiting_line(app_module):
+    groups = {function.name: function.concurrency_id for function in app_module.demo.fns.values()}
+    assert groups["resize_lora"] == groups["compare_methods"] == "cpu" and groups["preview_lora"] == "gpu"
+    assert set(app_module.WAITING_LIMITS) == {"cpu", "gpu"}
+    assert sum(app_module.WAITING_LIMITS.values()) < app_module.QUEUE_SIZE  # no kind alone fills gradio's queue
+
+
+def _gpu_waiting(app_module) -> int:
+    waiting = app_module.demo._queue.event_queue_per_concurrency_id.get("gpu")
+    return 0 if waiting is None else len(waiting.queue)
+
+
+def test_a_resize_runs_while_previews_wait(app_url, app_module, tiny_flux_base_model, monkeypatch):
+    """Previews hold the GPU and fill their own waiting line; one more is refused, and a resize still runs."""
+    from lora_ops import preview
+
+    rendering, release = threading.Event(), threading.Event()
+
+    def slow_render(job, progress=None):  # a preview holding the GPU until the test lets it go
+        rendering.set()
+        release.wait(timeout=120)
+        return {c.name: {i: Image.new("RGB", (job.width, job.height)) for i in c.indices} for c in job.columns}
+
+    monkeypatch.setattr(preview, "render_images", slow_render)
+    client = Client(app_url, verbose=False)
+
+    def request() -> dict:
+        return {
+            "original_file": handle_file(str(EXAMPLE_LORA)),
+            "resized_file": handle_file(str(EXAMPLE_LORA)),
+            "prompts": f"a cat {uuid.uuid4().hex}",  # never cached, and a grid (an output file) of its own
+            "steps": 1,
+            "width": 32,
+            "height": 32,
+        }
+
+    limit = app_module.WAITING_LIMITS["gpu"]
+    jobs = []
+    try:
+        jobs.append(client.submit(**request(), api_name="/preview"))
+        assert rendering.wait(timeout=60)
+        jobs += [client.submit(**request(), api_name="/preview") for _ in range(limit)]
+        deadline = time.monotonic() + 60
+        while _gpu_waiting(app_module) < limit and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gpu_waiting(app_module) == limit
+        with pytest.raises(QueueError):
+            Client(app_url, verbose=False).predict(**request(), api_name="/preview")
+        resized, report = client.predict(handle_file(str(EXAMPLE_LORA)), "svd", 2, api_name="/resize")
+        assert _ranks(resized) == {2} and report["bytes_out"] == Path(resized).stat().st_size
+        assert _gpu_waiting(app_module) == limit  # the previews were still waiting
+    finally:
+        release.set()
+    for job in jobs:
+        grid, metrics = job.result(timeout=120)
+        assert metrics["width"] == 32

@@ -388,4 +388,5 @@ def test_reading_a_repo_gets_the_same_one_line_messages_as_a_push(hub_online, mo
         sources.download_lora(OTHER_REPO, "lora.safetensors", tmp_path, token=VISITOR_TOKEN, max_bytes=10**6)
     assert str(caught.value) == problem.format(action=f"download lora.safetensors from {OTHER_REPO}")
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
-    assert hub_online.routes_seen() == ([] if failure == "offline" else ["paths_info"])
+    # the commit is resolved first (one revision for the size check and the download), then its paths are read
+    assert hub_online.routes_seen() == ([] if failure == "offline" else ["repo_info", "paths_info"])

@@ -13,31 +13,28 @@ from safetensors.torch import save_file
 
 import lora_ops
 from lora_ops import linalg
-from lora_ops.synthetic import flux_shapes, lora_pair
+from lora_ops.synthetic import _orthonormal, flux_shapes, lora_pair
 
 RANK = 16
 ALPHA = 8.0
 STRONG = (1.0, 0.6, 0.3)
-# module -> (out, in): SDXL attention and a FLUX-sized square layer; two layers share a shape, so one batch
-# holds a nearly low-rank layer and a well-conditioned one
+# module -> (out, in): SDXL attention and FLUX-sized layers (the reported cases); two layers share a shape, so one
+# batch holds a nearly low-rank layer and a well-conditioned one
 SHAPES = {
     "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_out_0": (640, 640),
     "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_q": (640, 640),
     "lora_unet_double_blocks_0_img_attn_proj": (3072, 3072),
+    "lora_unet_double_blocks_0_img_mod_lin": (18432, 3072),
     "lora_unet_output_blocks_5_1_transformer_blocks_0_ff_net_2": (640, 2560),
 }
 WELL_CONDITIONED = "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_q"
 
 
-def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64)).Q
-
-
 def nearly_low_rank(
     out_features: int, in_features: int, weak: tuple[float, float], split: str, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 ``(down [RANK, in], up [out, RANK])`` of a delta with singular values ``STRONG`` and then
-    ``RANK - 3`` weak ones, log-spaced from ``10**weak[0]`` to ``10**weak[1]``.
+    """Float64 ``(down [RANK, in], up [out, RANK])`` of a delta with singular values ``STRONG`` and then the
+    ``RANK - len(STRONG)`` weak ones, log-spaced from ``10**weak[0]`` to ``10**weak[1]``.
 
     ``split``: ``"up"`` puts the spectrum in up and gives down orthogonal rows of norm 0.5, as a kohya LoRA
     trained from a random down and a zero up; ``"balanced"`` puts its square root on each side."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -255,13 +256,35 @@ def test_gpu_estimate_grows_with_images_steps_and_size() -> None:
     assert estimate(1, 1, 32, 32) > 0
 
 
-def test_default_previews_fit_in_zerogpu_limits() -> None:
-    for columns in (2, 3):
-        images = columns * len(preview.DEFAULT_PROMPTS)
-        seconds = preview.estimate_gpu_seconds(
-            images, preview.DEFAULT_STEPS, preview.DEFAULT_SIZE, preview.DEFAULT_SIZE
-        )
-        assert 0 < seconds <= preview.GPU_SECONDS_LIMIT
+def test_the_default_preview_fits_an_anonymous_quota_with_margin() -> None:
+    """Requested seconds (estimate x ZeroGPU's factor) of the default preview: at most 3/4 of an anonymous
+    visitor's daily quota; with the base column, or a second rank (original column cached), within it."""
+    anonymous = dict(preview.DAILY_GPU_QUOTAS)["anonymous visitor"]
+    steps, side, prompts = preview.DEFAULT_STEPS, preview.DEFAULT_SIZE, len(preview.DEFAULT_PROMPTS)
+    assert preview.gpu_request(2 * prompts, steps, side, side) == preview.DEFAULT_REQUEST
+    assert preview.DEFAULT_REQUEST.requested <= 0.75 * anonymous
+    assert preview.gpu_request(3 * prompts, steps, side, side).requested <= anonymous
+    assert preview.gpu_request(prompts, steps, side, side).requested <= anonymous
+    assert preview.DEFAULT_REQUEST.quotas_allowing() == [who for who, _ in preview.DAILY_GPU_QUOTAS]
+
+
+def test_requested_seconds_apply_zerogpus_factor() -> None:
+    for images, steps, side in ((4, 20, 512), (8, 20, 1024), (1, 1, 32)):
+        request = preview.gpu_request(images, steps, side, side)
+        assert request.estimated == preview.estimate_gpu_seconds(images, steps, side, side)
+        assert abs(request.requested - request.estimated * preview.ZEROGPU_DURATION_FACTOR) <= 0.5
+    old_default = preview.gpu_request(8, 20, 1024, 1024)  # 4 prompts x 2 columns at 1024x1024
+    assert old_default.quotas_allowing() == ["free account", "PRO account"]
+
+
+def test_the_page_shows_the_requested_seconds_before_the_click() -> None:
+    request = preview.gpu_request(9, 28, 768, 768)  # 3 prompts x 3 columns
+    text = preview.gpu_time_markdown(3, 28, 768, 768, include_base=True)
+    assert f"{request.requested} s ({request.estimated} s estimated × {preview.ZEROGPU_DURATION_FACTOR:g}" in text
+    assert "fits the daily quota of: " + ", ".join(request.quotas_allowing()) in text
+    over = preview.gpu_time_markdown(preview.MAX_PROMPTS, preview.MAX_STEPS, 1536, 1536, include_base=True)
+    assert f"over the {preview.GPU_SECONDS_LIMIT} s limit" in over
+    assert "\n" not in text and "\n" not in over
 
 
 def test_gpu_duration_counts_only_the_images_the_job_renders() -> None:
@@ -276,11 +299,31 @@ def test_gpu_duration_counts_only_the_images_the_job_renders() -> None:
 def test_previews_over_the_gpu_limit_are_refused_before_rendering(
     pipeline_calls: list[str], tiny_flux_lora_file: Path, resized_files: dict[str, Path]
 ) -> None:
-    with pytest.raises(LoraError, match=r"needs about \d+ s of GPU, over the 300 s limit"):
+    request = preview.gpu_request(18, 50, 1536, 1536)
+    with pytest.raises(LoraError) as refused:
         preview.render_comparison(
             tiny_flux_lora_file, resized_files["down"], ["a"] * 6, 0, 50, 1536, 1536, 3.5, include_base=True
         )
+    assert str(refused.value).startswith(
+        f"this preview of 18 images needs about {request.requested} s ({request.estimated} s estimated × 1.5 on "
+        f"ZeroGPU), over the {preview.GPU_SECONDS_LIMIT} s limit"
+    )
+    assert "\n" not in str(refused.value)
     assert pipeline_calls == []
+
+
+def test_a_lora_error_on_the_gpu_comes_back_as_a_value(tiny_flux_lora_file: Path, tmp_path: Path) -> None:
+    """The GPU function returns its LoraErrors (ZeroGPU would keep only their class name); `render_images` raises."""
+    lora = preview.LoraRef(str(tiny_flux_lora_file), lora_ops.inspect_file(tiny_flux_lora_file)["sha256"])
+    columns = (preview.ColumnJob("original", lora, (0,)),)
+    job = preview.RenderJob(str(tmp_path / "missing"), tuple(PROMPTS), 0, 1, 32, 32, 3.5, 16, columns)
+    outcome = preview.render_on_gpu(job)
+    assert isinstance(outcome, preview.GpuFailure)
+    assert pickle.loads(pickle.dumps(outcome)) == outcome
+    with pytest.raises(LoraError) as raised:
+        preview.render_images(job)
+    assert str(raised.value) == outcome.message
+    assert f"base model {tmp_path / 'missing'}" in outcome.message
 
 
 # --- clear errors ---------------------------------------------------------------------------------------
@@ -350,3 +393,35 @@ def test_a_base_model_missing_offline_is_explained(
         preview.render_comparison(tiny_flux_lora_file, resized_files["down"], PROMPTS, **SETTINGS)
     assert "LORA_OPS_BASE_MODEL" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_the_gpu_seconds_benchmark_runs_on_a_flux_pipeline(
+    tiny_flux_dir: Path, tiny_flux_lora_file: Path, tmp_path: Path
+) -> None:
+    """`benchmarks/gpu_seconds.py` on the tiny pipeline (CPU): every image timed step by step, constants fitted."""
+    from benchmarks import gpu_seconds
+
+    output = tmp_path / "gpu-seconds.json"
+    lines: list[str] = []
+    arguments = ["--model", str(tiny_flux_dir), "--lora", str(tiny_flux_lora_file), "--prompts", *PROMPTS]
+    result = gpu_seconds.measure(str(tiny_flux_dir), tuple(PROMPTS), [32, 48], 2, tiny_flux_lora_file, lines.append)
+    written = gpu_seconds.main([*arguments, "--sizes", "32", "48", "--steps", "2", "--json", str(output)])
+
+    assert json.loads(output.read_text()) == json.loads(json.dumps(written))
+    for measured in (result, written):
+        assert [(i["width"], i["steps"], len(i["step_seconds"])) for i in measured["images"]] == [
+            (side, 2, 2) for side in (32, 48) for _ in PROMPTS
+        ]
+        assert all(i["seconds"] > sum(i["step_seconds"]) > 0 for i in measured["images"])
+        assert measured["lora_load_seconds"] > 0
+        fit = measured["fit"]
+        image = preview.image_seconds(
+            preview.DEFAULT_STEPS,
+            preview.DEFAULT_SIZE,
+            preview.DEFAULT_SIZE,
+            fit["seconds_per_image"],
+            tuple(fit["seconds_per_step_megapixel"]),
+        )
+        expected = math.ceil(preview.SECONDS_FIXED + preview.DEFAULT_REQUEST.images * image)
+        assert measured["default_preview_estimated_seconds"] == expected
+    assert len(lines) == 2 * len(PROMPTS) + 1 and lines[-1].startswith("fitted: SECONDS_PER_IMAGE = ")
