@@ -60,23 +60,38 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class _Source:
-    """An input file, opened and understood: layout, per-module scales and alpha dtype.
+    """An input file, opened and understood: layout, per-module scales, the alpha tensors as stored.
 
     ``carriers``: per module, what holds its scale, in the input and so in the output (:func:`_scale_carriers`).
+    ``alpha_tensors``: the stored alpha tensor of each module that has one, by module name.
     """
 
     lora: LoraFile
     scales: list[float]
     scale_source: str
-    alpha_dtype: torch.dtype
     peft_config: dict | None
     peft_config_path: Path | None
     carriers: list[str]
-    alphas: dict[str, float]
+    alpha_tensors: dict[str, Tensor]
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        """The alpha values, by module name."""
+        return _alpha_values(self.alpha_tensors)
+
+    @property
+    def alpha_dtype(self) -> torch.dtype:
+        """The dtype the input stores its alphas in (float32 when it has none)."""
+        return next(iter(self.alpha_tensors.values())).dtype if self.alpha_tensors else torch.float32
 
     def warnings(self) -> list[str]:
         """A line for each known consumer that reads this input differently from its format's owner."""
         return consumer_warnings(ScaleReading(self.lora, self.scales, self.scale_source, self.alphas))
+
+
+def _alpha_values(alpha_tensors: dict[str, Tensor]) -> dict[str, float]:
+    """Each alpha tensor's one value (any 1-element shape, float or integer), by module name."""
+    return {name: float(alpha.reshape(-1)[0]) for name, alpha in alpha_tensors.items()}
 
 
 def _check_work(lora: LoraFile, limits: Limits, rank_out: int) -> None:
@@ -105,17 +120,12 @@ def _check_work(lora: LoraFile, limits: Limits, rank_out: int) -> None:
 def _open_source(path: str | Path, config: str | Path | None, limits: Limits, rank_out: int = 0) -> _Source:
     lora = parse_lora(path, read_header(path, limits))
     _check_work(lora, limits, rank_out)
-    alphas: dict[str, float] = {}
-    alpha_dtype = torch.float32
     handle = open_tensors(lora.path, lora.header)
-    for module in lora.modules:
-        if module.alpha_key:
-            alpha = handle.get_tensor(module.alpha_key)
-            alphas[module.name], alpha_dtype = float(alpha.reshape(-1)[0]), alpha.dtype
+    alpha_tensors = {m.name: handle.get_tensor(m.alpha_key) for m in lora.modules if m.alpha_key}
     peft_config, peft_config_path = load_peft_config(lora, config)
-    scales, scale_source = module_scales(lora, alphas, peft_config)
+    scales, scale_source = module_scales(lora, _alpha_values(alpha_tensors), peft_config)
     carriers = _scale_carriers(lora, scale_source)
-    return _Source(lora, scales, scale_source, alpha_dtype, peft_config, peft_config_path, carriers, alphas)
+    return _Source(lora, scales, scale_source, peft_config, peft_config_path, carriers, alpha_tensors)
 
 
 # What holds a module's scale: an alpha (its `.alpha` tensor, or the metadata's `alpha` entry: the output writes one
@@ -408,12 +418,11 @@ def _output_alphas(source: _Source, ranks: list[int]) -> tuple[float | None, dic
     else:
         alpha = output_alpha([s for s, c in zip(source.scales, carries) if c], [k for k, c in zip(ranks, carries) if c])
     dtype = alpha_dtype(alpha, source.alpha_dtype) if alpha is not None else None
-    handle = open_tensors(lora.path, lora.header)
     tensors = {}
     for module, carries_alpha in zip(lora.modules, carries):
         if module.alpha_key is None:
             continue
-        stored = handle.get_tensor(module.alpha_key)
+        stored = source.alpha_tensors[module.name]
         tensors[module.alpha_key] = torch.full(stored.shape, alpha, dtype=dtype) if carries_alpha else stored
     return alpha, tensors
 
