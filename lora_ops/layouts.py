@@ -179,7 +179,8 @@ class LoraModule:
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A LoRA file understood from its header alone: layout, modules sorted by name, untouched keys."""
+    """A LoRA file understood from its header alone: layout, modules in natural order of their names
+    (:func:`natural_key`), untouched keys."""
 
     path: Path
     header: Header
@@ -188,6 +189,17 @@ class LoraFile:
     family: str
     modules: tuple[LoraModule, ...]
     passthrough: tuple[str, ...]
+
+
+def natural_key(name: str) -> tuple[tuple[str | tuple[int, str], ...], str]:
+    """Sort key putting names in natural order: runs of digits compare as numbers, so ``blocks.7`` comes before
+    ``blocks.12`` and ``text_encoder:2`` before ``text_encoder:10``. A digit run compares by its length without
+    leading zeros, then by its digits (no ``int()``: a name may hold thousands of digits); equal keys fall back to
+    the name itself, so the order is total."""
+    parts = re.split(r"(\d+)", name)
+    return tuple(
+        (len(part.lstrip("0")), part.lstrip("0")) if index % 2 else part for index, part in enumerate(parts)
+    ), name
 
 
 def model_family(module_names: list[str]) -> str:
@@ -253,7 +265,8 @@ def parse_lora(path: str | Path, header: Header) -> LoraFile:
         raise LoraError(f"{path.name} mixes LoRA layouts ({', '.join(sorted(layout_names))}); resize them apart")
     layout = LAYOUT_BY_NAME[next(iter(layout_names))]
     modules = tuple(
-        _module(path.name, layout, name, roles, header.tensors) for (_, name), roles in sorted(factors.items())
+        _module(path.name, layout, name, roles, header.tensors)
+        for (_, name), roles in sorted(factors.items(), key=lambda item: natural_key(item[0][1]))
     )
     used = {key for m in modules for key in (m.down_key, m.up_key, m.alpha_key) if key}
     names = [m.name for m in modules]

@@ -24,8 +24,8 @@ from .digest import file_sha256
 from .errors import LoraError
 from .files import DEFAULT_LIMITS, TORCH_DTYPES, Limits, TensorInfo, open_tensors, read_header
 from .layouts import LoraFile, LoraModule, parse_lora
-from .options import MAX_RANK, ResizeOptions
-from .ranks import energy_rank, threshold_ranks
+from .options import MAX_RANK, NO_RANK, ResizeOptions
+from .ranks import RANK_RULES, threshold_ranks
 from .scales import (
     FROM_DIFFUSERS_METADATA,
     FROM_METADATA_ALPHA,
@@ -337,13 +337,18 @@ def _out_dtype(options: ResizeOptions, stored: str) -> torch.dtype:
 
 
 def _choose_ranks(source: _Source, options: ResizeOptions) -> list[int]:
+    """Each module's new rank: ``options.rank``, or its rank rule's (:data:`ranks.RANK_RULES`) capped by it, then
+    the target size's threshold. The rules read the spectra without ``options.strength``: they do not depend on
+    a common factor."""
     modules = source.lora.modules
-    if options.energy is None and options.target_size is None:
+    rule = options.rank_rule
+    if rule is None and options.target_size is None:
         return [options.rank] * len(modules)
     spectra = _spectra(source, options.device)
     caps = [options.rank or MAX_RANK] * len(modules)
-    if options.energy is not None:
-        caps = [min(cap, energy_rank(s, options.energy)) for cap, s in zip(caps, spectra)]
+    if rule is not None:
+        name, value = rule
+        caps = [min(cap, RANK_RULES[name](s, value)) for cap, s in zip(caps, spectra)]
     if options.target_size is None:
         return caps
     per_rank = [
@@ -367,6 +372,25 @@ def _output_bytes_besides_factors(source: _Source, options: ResizeOptions) -> in
     rank_patterns = sum(2 * (len(m.name) + 12) for m in lora.modules)
     header = 8 + sum(len(key) + 96 for key in keys) + metadata + rank_patterns + 2048
     return header + sum(lora.header.tensors[k].nbytes for k in lora.passthrough) + 8 * len(lora.modules)
+
+
+def store_module(
+    output,
+    module: LoraModule,
+    layer: dict,
+    down: Tensor,
+    up: Tensor,
+    out_scale: float,
+    alpha_tensors: dict[str, Tensor],
+) -> dict:
+    """Write one resized (or merged) module's factors, and its alpha where it has one, to ``output`` (an open
+    `lora_output` writer); return its report row with the singular values scaled to the delta as loaders read it
+    (the output's scale ``out_scale`` times those of its stored factors)."""
+    output.put(module.down_key, down)
+    output.put(module.up_key, up)
+    if module.alpha_key:
+        output.put(module.alpha_key, alpha_tensors[module.alpha_key])
+    return {**layer, "singular_values": [v * out_scale for v in layer["singular_values"]]}
 
 
 def _check_destination(source: Path, destination: Path, peft_config_path: Path | None) -> None:
@@ -408,15 +432,19 @@ def _file_identity(path: Path) -> tuple[int, int, int, int]:
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
-def _output_alphas(source: _Source, ranks: list[int]) -> tuple[float | None, dict[str, Tensor]]:
+def _output_alphas(
+    source: _Source, ranks: list[int], scales: list[float] | None = None
+) -> tuple[float | None, dict[str, Tensor]]:
     """The alpha the output carries (``None``: every scale is folded into the factors) and its alpha tensors by key:
-    the new alpha for each module that carries one, the input's own tensor for a module whose alpha a config
-    overrides (kept as it was, so that the key set keeps its shape)."""
+    the new alpha (:func:`output_alpha` of the ``scales`` the output is to carry, by default the input's) for each
+    module that carries one, the input's own tensor for a module whose alpha a config overrides (kept as it was, so
+    that the key set keeps its shape)."""
     lora, carries = source.lora, [carrier == BY_ALPHA for carrier in source.carriers]
+    scales = source.scales if scales is None else scales
     if not any(carries):
         alpha = None
     else:
-        alpha = output_alpha([s for s, c in zip(source.scales, carries) if c], [k for k, c in zip(ranks, carries) if c])
+        alpha = output_alpha([s for s, c in zip(scales, carries) if c], [k for k, c in zip(ranks, carries) if c])
     dtype = alpha_dtype(alpha, source.alpha_dtype) if alpha is not None else None
     tensors = {}
     for module, carries_alpha in zip(lora.modules, carries):
@@ -450,37 +478,76 @@ def _out_scale(carrier: str, scale: float, alpha: float | None, rank: int) -> fl
     return scale if carrier == BY_CONFIG else 1.0
 
 
-def resize_file(
-    src: str | Path,
-    dst: str | Path,
-    options: ResizeOptions,
-    *,
-    config: str | Path | None = None,
-    progress: Progress | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-) -> dict:
-    """Resize the LoRA at ``src`` and write it to ``dst`` in the same layout; return the report.
+@dataclass(frozen=True)
+class Prepared:
+    """One resize, checked and ready to write: the opened input at ``src``, the output path ``dst``, and the
+    input's identity when it was opened (:func:`_file_identity`; ``None`` for a non-file, refused on opening)."""
 
-    ``config``: a PEFT ``adapter_config.json`` for the input (found beside ``src`` when not given); a new
-    one is then written beside ``dst``. ``progress(done, total)`` is called after each module. Raises
-    :class:`LoraError` for bad input or options; ``dst`` is written only when everything succeeded.
-    The input is read one tensor at a time and the output written one tensor at a time.
-    """
-    started = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    identity = _file_identity(src) if src.is_file() else None
+    src: Path
+    dst: Path
+    source: _Source
+    identity: tuple[int, int, int, int] | None
+
+    @property
+    def largest_rank(self) -> int:
+        """The input's largest module rank."""
+        return max(m.rank for m in self.source.lora.modules)
+
+
+def check_device(options: ResizeOptions) -> None:
+    """Refuse ``device="cuda"`` where no CUDA device is available."""
     if options.device == "cuda" and not torch.cuda.is_available():
         raise LoraError("--device cuda was asked for, but no CUDA device is available")
-    source = _open_source(src, config, limits, options.rank or MAX_RANK)
+
+
+def prepare_resize(
+    src: str | Path, dst: str | Path, *, config: str | Path | None, limits: Limits, rank_out: int
+) -> Prepared:
+    """Open and check the input at ``src`` (header, layout, scales, the work for new ranks up to ``rank_out``) and
+    the output path ``dst``; nothing is written. Raises :class:`LoraError`."""
+    src, dst = Path(src), Path(dst)
+    identity = _file_identity(src) if src.is_file() else None
+    source = _open_source(src, config, limits, rank_out)
     _check_destination(src, dst, source.peft_config_path)
+    return Prepared(src, dst, source, identity)
+
+
+def check_work(prepared: Prepared, limits: Limits, rank_out: int) -> None:
+    """Refuse, from the header, work beyond ``limits`` for new ranks up to ``rank_out`` (see :func:`_check_work`)."""
+    _check_work(prepared.source.lora, limits, rank_out)
+
+
+def write_resized(
+    prepared: Prepared,
+    options: ResizeOptions,
+    place: Path,
+    *,
+    progress: Progress | None = None,
+    started: float | None = None,
+    scale: float | None = None,
+) -> tuple[dict, dict | None]:
+    """Resize ``prepared`` by ``options`` (which must choose the ranks), writing the file at ``place`` (atomically;
+    the report names ``prepared.dst``); return the report and the PEFT ``adapter_config.json`` for
+    ``prepared.dst``'s folder, which the caller writes (``None`` when the input has none).
+
+    ``progress(done, total)`` is called after each module; ``started`` (``time.perf_counter()``) is when the run
+    began, for the report's seconds. ``scale``: the one scale (``alpha / rank``) the output's alphas, config or
+    metadata alpha give every module that carries one (:func:`lora_ops.sets.common_scale`), each module's own
+    scale over it folded into its factors; ``None``: each module's own scale, as in the input. With one ``scale``
+    the ranks must be one rank (one alpha value holds it for every module). The input is read one tensor at a time
+    and the output written one tensor at a time. Raises :class:`LoraError`; then ``place`` is untouched.
+    """
+    started = time.perf_counter() if started is None else started
+    src, dst, source, identity = prepared.src, prepared.dst, prepared.source, prepared.identity
     lora = source.lora
     ranks = _choose_ranks(source, options)
+    carried = source.scales if scale is None else [scale] * len(lora.modules)
     config = None
     if source.peft_config is not None:
-        config = peft_config_for_output(source.peft_config, lora, ranks, source.scales)
+        config = peft_config_for_output(source.peft_config, lora, ranks, carried)
         _check_config_destination(dst.parent / PEFT_CONFIG_NAME, config)
-    alpha, alpha_tensors = _output_alphas(source, ranks)
-    out_scales = [_out_scale(*args, alpha, rank) for *args, rank in zip(source.carriers, source.scales, ranks)]
+    alpha, alpha_tensors = _output_alphas(source, ranks, carried)
+    out_scales = [_out_scale(*args, alpha, rank) for *args, rank in zip(source.carriers, carried, ranks)]
     layers: list[dict] = [{}] * len(lora.modules)
     done = 0
     with ThreadPoolExecutor(max_workers=1) as hasher:
@@ -493,7 +560,7 @@ def resize_file(
             source_sha256=SHA256_PLACEHOLDER,
             source_ranks=rank_histogram([m.rank for m in lora.modules]),
         )
-        metadata = build_metadata(lora, ranks, source.scales, alpha, source.scale_source, provenance)
+        metadata = build_metadata(lora, ranks, carried, alpha, source.scale_source, provenance)
         specs = _output_specs(source, ranks, options, alpha_tensors)
 
         def late() -> dict[str, str]:
@@ -503,8 +570,9 @@ def resize_file(
             return {PROVENANCE_PREFIX + "source_sha256": digest}
 
         handle = open_tensors(src, lora.header)
-        folds = [scale / out_scale for scale, out_scale in zip(source.scales, out_scales)]
-        with lora_output(dst, specs, metadata, late) as output:
+        # the scale left in the factors: the strength and what the output's alpha or config does not carry
+        folds = [own * options.strength / out_scale for own, out_scale in zip(source.scales, out_scales)]
+        with lora_output(place, specs, metadata, late) as output:
             for key in lora.passthrough:
                 output.put(key, handle.get_tensor(key))
             batches = _batches(lora.modules, ranks)
@@ -513,33 +581,26 @@ def resize_file(
             resized = in_order(lambda job: _resize_batch(*job, options), jobs, workers(options.device))
             for batch, results in zip(batches, resized):
                 for index, (layer, down, up) in zip(batch, results):
-                    module = lora.modules[index]
-                    layer["singular_values"] = [v * out_scales[index] for v in layer["singular_values"]]
-                    layers[index] = layer
-                    output.put(module.down_key, down)
-                    output.put(module.up_key, up)
-                    if module.alpha_key:
-                        output.put(module.alpha_key, alpha_tensors[module.alpha_key])
+                    layers[index] = store_module(
+                        output, lora.modules[index], layer, down, up, out_scales[index], alpha_tensors
+                    )
                     done += 1
                     if progress:
                         progress(done, len(lora.modules))
-    config_out = None
-    if config is not None:
-        config_out = dst.parent / PEFT_CONFIG_NAME
-        write_json(config_out, config)
     errors = [layer["rel_error"] for layer in layers]
     worst = max(range(len(layers)), key=errors.__getitem__)
-    bytes_out = dst.stat().st_size
-    return {
+    bytes_out = place.stat().st_size
+    report = {
         "layout": lora.layout.name,
         "flavour": lora.flavour,
         "family": lora.family,
         "warnings": source.warnings(),
         "method": options.method,
         "params": options.parameters(),
+        "strength": options.strength,
         "scale_source": source.scale_source,
         "source": {"file": src.name, "sha256": sha256.result(), "bytes": lora.header.file_bytes},
-        "output": {"file": dst.name, "bytes": bytes_out, "config": config_out.name if config_out else None},
+        "output": {"file": dst.name, "bytes": bytes_out, "config": PEFT_CONFIG_NAME if config is not None else None},
         "bytes_in": lora.header.file_bytes,
         "bytes_out": bytes_out,
         "seconds": time.perf_counter() - started,
@@ -551,6 +612,38 @@ def resize_file(
         "worst_layer": layers[worst]["name"],
         "layers": layers,
     }
+    return report, config
+
+
+def resize_file(
+    src: str | Path,
+    dst: str | Path,
+    options: ResizeOptions,
+    *,
+    config: str | Path | None = None,
+    progress: Progress | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> dict:
+    """Resize the LoRA at ``src`` and write it to ``dst`` in the same layout; return the report.
+
+    ``options`` must choose the ranks (a rank, a rank rule or a target size). ``config``: a PEFT
+    ``adapter_config.json`` for the input (found beside ``src`` when not given); a new one is then written beside
+    ``dst``. ``progress(done, total)`` is called after each module. Raises :class:`LoraError` for bad input or
+    options; ``dst`` is written only when everything succeeded. The input is read one tensor at a time and the
+    output written one tensor at a time. Report: layout, method, params, strength, source and output files, bytes,
+    seconds, rank histograms in and out, the alpha, worst and median relative error of the (strength-scaled)
+    deltas, and per layer ``name``, ``shape``, ``rank_in``, ``rank_out``, ``rel_error``, ``energy_retained``,
+    ``singular_values``. For several files at one rank, see :func:`lora_ops.resize_files`.
+    """
+    started = time.perf_counter()
+    if options.open_rank:
+        raise LoraError(NO_RANK)
+    check_device(options)
+    prepared = prepare_resize(src, dst, config=config, limits=limits, rank_out=options.rank or MAX_RANK)
+    report, peft_config = write_resized(prepared, options, prepared.dst, progress=progress, started=started)
+    if peft_config is not None:
+        write_json(prepared.dst.parent / PEFT_CONFIG_NAME, peft_config)
+    return report
 
 
 def _resize_batch(

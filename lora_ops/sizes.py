@@ -1,4 +1,4 @@
-"""Human file sizes: parsing ``"40MB"`` and printing byte counts."""
+"""Human file sizes: parsing ``"40MB"`` and printing byte counts in decimal (``MB``) and binary (``MiB``) units."""
 
 from __future__ import annotations
 
@@ -27,3 +27,19 @@ def format_size(nbytes: int) -> str:
             return f"{value:.1f} {unit}"
         value /= 1000
     return f"{value:.1f} GB"
+
+
+BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_binary_size(nbytes: int) -> str:
+    """``451_200_000`` -> ``"430.3 MiB"``: the number gradio's file widget shows for a file, with the right unit.
+
+    The widget (``@gradio/file``'s ``FilePreview``, ``prettyBytes``) divides by 1024 while the value is above
+    1024 and prints one decimal, but labels the result ``KB``/``MB``/``GB``: its "430.3 MB" is 430.3 MiB.
+    """
+    value, unit = float(nbytes), 0
+    while value > 1024 and unit < len(BINARY_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    return f"{nbytes} B" if unit == 0 else f"{value:.1f} {BINARY_UNITS[unit]}"

@@ -28,9 +28,18 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from lora_ops.errors import LoraError
+from lora_ops.page_text import size as page_size
+from lora_ops.scales import PEFT_CONFIG_NAME
 from lora_ops.sizes import format_size
 
 SUFFIX = ".safetensors"
+# Seconds the Hub gets to accept a connection and to send each part of its answer, for the one request (model_info:
+# a plain GET without retries) that resolves a repo's commit before a listing or a download. The listing
+# (`list_repo_tree`, through `http_backoff`) and the download (`hf_hub_download`) retry a refused or dropped
+# connection 5 times, waiting 1 + 2 + 4 + 8 + 8 s: 23 s before an unreachable Hub is reported. Resolving the commit
+# first reports it at once, and bounds a Hub that never answers, without changing huggingface_hub's settings
+# for the rest of the process.
+HUB_TIMEOUT = 5.0
 
 # huggingface_hub's errors -> our one-line messages, for reading (listing, downloading) and for pushing alike.
 # Most specific first: the first row whose class the error is an instance of, and whose HTTP status (int) or
@@ -108,7 +117,7 @@ class HubFile:
 
     @property
     def label(self) -> str:
-        return self.path if self.size is None else f"{self.path} ({format_size(self.size)})"
+        return self.path if self.size is None else f"{self.path} · {page_size(self.size)}"
 
 
 def _checked_repo_id(repo_id: str) -> str:
@@ -132,11 +141,20 @@ def _checked_file_name(repo_id: str, filename: str) -> str:
     return filename
 
 
+def _commit(api: HfApi, repo_id: str, token: str | None) -> str:
+    """The commit `main` of model repo `repo_id` points to, read in one request without retries that fails within
+    `HUB_TIMEOUT` seconds when the Hub cannot be reached (huggingface_hub's errors pass through)."""
+    return api.model_info(repo_id, token=token or False, timeout=HUB_TIMEOUT).sha
+
+
 def list_lora_files(repo_id: str, token: str | None = None) -> list[HubFile]:
-    """The `.safetensors` files of model repo `repo_id` (recursively), sorted by path."""
+    """The `.safetensors` files of model repo `repo_id` (recursively, at the commit `main` points to), sorted by
+    path. An unreachable Hub is a `LoraError` within `HUB_TIMEOUT` seconds."""
     repo_id = _checked_repo_id(repo_id)
     with hub_errors(f"list the files of {repo_id}", repo_id):
-        entries = list(HfApi().list_repo_tree(repo_id, recursive=True, token=token or False))
+        api = HfApi()
+        revision = _commit(api, repo_id, token)
+        entries = list(api.list_repo_tree(repo_id, revision=revision, recursive=True, token=token or False))
     files = sorted(
         (HubFile(entry.path, getattr(entry, "size", None)) for entry in entries if entry.path.endswith(SUFFIX)),
         key=lambda hub_file: hub_file.path,
@@ -150,7 +168,7 @@ def repo_license(repo_id: str, token: str | None = None) -> str | None:
     """The license id in a Hub model repo's card metadata (e.g. "apache-2.0"); None when the repo has none or
     cannot be read: the license is carried over where known, and never blocks anything."""
     try:
-        card = HfApi().model_info(_checked_repo_id(repo_id), token=token or False).card_data
+        card = HfApi().model_info(_checked_repo_id(repo_id), token=token or False, timeout=HUB_TIMEOUT).card_data
     except (LoraError, HTTPError, OSError):
         return None
     license_id = getattr(card, "license", None)
@@ -162,20 +180,20 @@ def download_lora(
 ) -> Path:
     """Download `filename` of model repo `repo_id` into `directory` and return its local path.
 
-    Refuses names that are not `.safetensors` and, before downloading, files larger than `max_bytes`. With
-    `max_bytes`, the commit `main` points to is resolved once and both the size check and the download read that
-    commit, so a push between them cannot slip a larger file past the check.
+    Refuses names that are not `.safetensors` and, before downloading, files larger than `max_bytes`. The commit
+    `main` points to is resolved first, once (an unreachable Hub is a `LoraError` within `HUB_TIMEOUT` seconds),
+    and both the size check and the download read that commit, so a push between them cannot slip a larger file
+    past the check.
     """
     repo_id = _checked_repo_id(repo_id)
     filename = _checked_file_name(repo_id, filename)
     if not filename.endswith(SUFFIX):
         raise LoraError(f"pick a {SUFFIX} file of {repo_id}, not {filename!r}")
-    revision = None
     try:
         with hub_errors(f"download {filename} from {repo_id}", repo_id, filename):
+            api = HfApi()
+            revision = _commit(api, repo_id, token)
             if max_bytes is not None:
-                api = HfApi()
-                revision = api.model_info(repo_id, token=token or False).sha
                 infos = api.get_paths_info(repo_id, [filename], revision=revision, token=token or False)
                 size = next((getattr(info, "size", None) for info in infos), None)
                 if size is None and not infos:
@@ -184,7 +202,40 @@ def download_lora(
                     raise LoraError(
                         f"{filename} is {format_size(size)}, over this app's {format_size(max_bytes)} limit"
                     )
-            local = hf_hub_download(repo_id, filename, revision=revision, local_dir=directory, token=token or False)
+            local = hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                local_dir=directory,
+                token=token or False,
+                etag_timeout=HUB_TIMEOUT,
+            )
     finally:
         shutil.rmtree(Path(directory) / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
     return Path(local)
+
+
+def download_peft_config(repo_id: str, filename: str, directory: str | Path, token: str | None = None) -> Path | None:
+    """The PEFT `adapter_config.json` beside `filename` in model repo `repo_id` (PEFT saves it in the adapter's
+    folder), downloaded into `directory`; None when the repo has none there."""
+    repo_id = _checked_repo_id(repo_id)
+    parent = str(Path(_checked_file_name(repo_id, filename)).parent)
+    config = PEFT_CONFIG_NAME if parent == "." else f"{parent}/{PEFT_CONFIG_NAME}"
+    try:
+        with hub_errors(f"download {config} from {repo_id}", repo_id, config):
+            revision = _commit(HfApi(), repo_id, token)  # fails fast offline, where a missing file would look absent
+            try:
+                return Path(
+                    hf_hub_download(
+                        repo_id,
+                        config,
+                        revision=revision,
+                        local_dir=directory,
+                        token=token or False,
+                        etag_timeout=HUB_TIMEOUT,
+                    )
+                )
+            except EntryNotFoundError:
+                return None
+    finally:
+        shutil.rmtree(Path(directory) / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.utils import QueueError
 from PIL import Image
@@ -55,20 +56,33 @@ def _leftovers(app_module) -> list[Path]:
 def test_public_api_names_and_parameters(app_client):
     endpoints = app_client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert {"/inspect", "/resize", "/preview", "/push"} <= set(endpoints)
-    assert [p["parameter_name"] for p in endpoints["/inspect"]["parameters"]] == ["lora_file"]
+    assert [p["parameter_name"] for p in endpoints["/inspect"]["parameters"]] == ["lora_file", "config_file"]
     resize = [p["parameter_name"] for p in endpoints["/resize"]["parameters"]]
     assert resize[: len(RESIZE_PARAMETERS)] == RESIZE_PARAMETERS
-    assert {"hub_repo", "hub_file"} <= set(resize)
+    assert resize[len(RESIZE_PARAMETERS) :] == ["target_size", "dtype", "hub_repo", "hub_file", "config_file"]
     preview = [p["parameter_name"] for p in endpoints["/preview"]["parameters"]]
     assert preview == [*PREVIEW_PARAMETERS, "include_base"]
     push = [p["parameter_name"] for p in endpoints["/push"]["parameters"]]
-    assert push == ["resized_file", "report", "repo_id", "private", "grid_image", "metrics", "source"]
+    assert push == ["resized_file", "report", "repo_id", "private", "grid_image", "metrics", "source", "config_file"]
+    assert [p["parameter_name"] for p in endpoints["/resize_many"]["parameters"]] == [
+        "lora_files",
+        "rank",
+        "method",
+        "dtype",
+    ]
+    assert [p["parameter_name"] for p in endpoints["/merge"]["parameters"]] == [
+        "lora_files",
+        "weights",
+        "rank",
+        "method",
+        "dtype",
+    ]
 
 
 def test_helper_events_are_private(app_url):
-    """Only the four documented endpoints answer API clients: no undocumented or unnamed ones."""
+    """Only the documented endpoints answer API clients: no undocumented or unnamed ones."""
     every = httpx.get(f"{app_url}gradio_api/info", params={"all_endpoints": "true"}).json()
-    assert set(every["named_endpoints"]) == {"/inspect", "/resize", "/preview", "/push"}
+    assert set(every["named_endpoints"]) == {"/inspect", "/resize", "/preview", "/push", "/resize_many", "/merge"}
     assert every["unnamed_endpoints"] == {}
 
 
@@ -172,6 +186,145 @@ def test_bad_input_gets_one_line_and_the_server_stays_healthy(app_client, app_mo
     assert _leftovers(app_module) == before
     assert garbage.read_bytes() == b"this is not a safetensors file at all"
     assert app_client.predict(handle_file(str(EXAMPLE_LORA)), api_name="/inspect")["ranks"] == {"8": 20}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"seed": 1e300}, "seed must be between 0 and"),
+        ({"seed": None}, "seed must be a number, got None"),
+        ({"rank": None}, "rank must be a number, got None"),
+        ({"niter": None}, "niter must be a number, got None"),
+        ({"rank": 2.7}, "rank must be a whole number, got 2.7"),
+        ({"rank": 3000}, "rank must be between 1 and 2048"),
+        ({"energy": "abc"}, "energy must be a number, got 'abc'"),
+        ({"method": "randomized_svd", "niter": 1.5}, "niter must be a whole number"),
+    ],
+)
+def test_bad_parameters_are_named_in_one_line_before_anything_is_written(
+    app_client, app_module, arguments, message, capfd
+):
+    """Issue 12.5: each wrong value gets its own one-line message, nothing is rounded, nothing is left behind, and
+    the server log shows no traceback for it."""
+    from gradio_client.exceptions import AppError
+
+    before = _leftovers(app_module)
+    with pytest.raises(AppError) as error:
+        app_client.predict(lora_file=handle_file(str(EXAMPLE_LORA)), **arguments, api_name="/resize")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert _leftovers(app_module) == before
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_no_public_parameter_goes_through_gradios_own_range_checks(app_module):
+    """Issue 12.16: gradio's slider and number bounds print a traceback to the server log and clamp typed values;
+    every value of a public endpoint is checked by lora_ops instead (one line, nothing changed)."""
+    import gradio as gr
+
+    public = [fn for fn in app_module.demo.fns.values() if fn.api_visibility == "public"]
+    assert {fn.api_name for fn in public} >= {"inspect", "resize", "preview", "push"}
+    for fn in public:
+        for block in fn.inputs:
+            assert not isinstance(block, gr.Slider), (fn.api_name, block.label)
+            if isinstance(block, gr.Number):
+                assert (block.minimum, block.maximum, block.precision) == (None, None, None), (fn.api_name, block.label)
+
+
+def test_the_cache_keeps_no_empty_folders_or_empty_upload_files(app_client, app_module):
+    """Issue 12.17: gradio's cleaner deletes old files only; every upload left a 0-byte temporary and every file an
+    empty folder. `clean_cache` removes those once they are as old as gradio's age, and nothing younger."""
+    import time as clock
+
+    from gradio.route_utils import delete_files_created_by_app
+
+    app_client.predict(lora_file=handle_file(str(EXAMPLE_LORA)), rank=2, api_name="/resize")
+    cache = Path(app_module.demo.GRADIO_CACHE)
+    delete_files_created_by_app(app_module.demo, age=None)  # what gradio's timer does to old files
+    leftovers = [p for p in cache.rglob("*") if p.is_dir() or p.stat().st_size == 0]
+    assert leftovers  # what gradio leaves
+    assert app_module.clean_cache() == 0  # too young yet
+    old = clock.time() - app_module.CACHE_CLEANING[1] - 60
+    for path in leftovers:
+        os.utime(path, (old, old))
+    young = cache / "in-use"
+    young.mkdir()
+    assert app_module.clean_cache() >= len(leftovers)
+    assert [p for p in cache.rglob("*") if p.is_dir() or p.stat().st_size == 0] == [young]
+    young.rmdir()
+
+
+def _rank4_lora(folder: Path) -> Path:
+    """A rank-4 LoRA for the example's model (same modules, another seed)."""
+    from safetensors.torch import save_file
+
+    from assets.make_example_lora import HIDDEN, NUM_DOUBLE, NUM_SINGLE
+    from lora_ops.synthetic import flux_shapes, make_lora
+
+    path = folder / "rank4.safetensors"
+    shapes = flux_shapes(num_double=NUM_DOUBLE, num_single=NUM_SINGLE, hidden=HIDDEN)
+    save_file(make_lora(shapes, 4, seed=5), str(path))
+    return path
+
+
+def _deltas(path: str | Path) -> dict[str, torch.Tensor]:
+    """`B @ A` of every diffusers-layout module of a file without alphas (scale 1), in float64."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return {
+        key.removesuffix(".lora_A.weight"): tensors[key.replace("lora_A", "lora_B")].double() @ tensors[key].double()
+        for key in tensors
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def test_a_set_of_loras_comes_back_at_one_rank(app_client, app_module, tmp_path):
+    """`/resize_many`: rank blank is the set's largest (every file extended exactly); each file keeps its name."""
+    smaller = _rank4_lora(tmp_path)
+    files = [handle_file(str(EXAMPLE_LORA)), handle_file(str(smaller))]
+    paths, result = app_client.predict(lora_files=files, api_name="/resize_many")
+    assert sorted(Path(p).name for p in paths) == sorted([EXAMPLE_LORA.name, smaller.name])
+    assert result["rank"] == 8 and all(_ranks(p) == {8} for p in paths)
+    assert [row["file"] for row in result["summary"]] == [EXAMPLE_LORA.name, smaller.name]
+    by_name = {Path(p).name: p for p in paths}
+    for source in (EXAMPLE_LORA, smaller):
+        original, extended = _deltas(source), _deltas(by_name[source.name])
+        assert all(torch.allclose(extended[m], original[m], atol=1e-6) for m in original)
+    paths, result = app_client.predict(lora_files=files, rank=2, api_name="/resize_many")
+    assert all(_ranks(p) == {2} for p in paths) and all(row["worst_error"] > 0 for row in result["summary"])
+
+
+def test_a_bad_file_in_a_set_is_named_and_nothing_is_returned(app_client, app_module, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    garbage = tmp_path / "broken.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    before = _leftovers(app_module)
+    with pytest.raises(AppError, match="broken.safetensors") as error:
+        app_client.predict(
+            lora_files=[handle_file(str(EXAMPLE_LORA)), handle_file(str(garbage))], rank=4, api_name="/resize_many"
+        )
+    assert "\n" not in str(error.value)
+    assert _leftovers(app_module) == before
+
+
+def test_merge_is_the_exact_weighted_sum_or_its_best_approximation(app_client, tmp_path):
+    """`/merge`: rank blank keeps the concatenated rank (8 + 4) and the weighted sum exactly; a rank reduces it."""
+    smaller = _rank4_lora(tmp_path)
+    files = [handle_file(str(EXAMPLE_LORA)), handle_file(str(smaller))]
+    merged, report = app_client.predict(lora_files=files, weights="0.8, -0.5", dtype="fp32", api_name="/merge")
+    assert _ranks(merged) == {12}
+    first, second, result = _deltas(EXAMPLE_LORA), _deltas(smaller), _deltas(merged)
+    for module, delta in result.items():
+        expected = 0.8 * first[module] - 0.5 * second[module]
+        assert torch.allclose(delta, expected, atol=1e-5 * expected.abs().max().item())
+    assert [entry["weight"] for entry in report["inputs"]] == [0.8, -0.5]
+    reduced, report = app_client.predict(lora_files=files, weights="0.8 -0.5", rank=3, api_name="/merge")
+    assert _ranks(reduced) == {3} and 0 < report["worst_error"] < 1
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="1 weights for 2 files"):
+        app_client.predict(lora_files=files, weights="0.8", api_name="/merge")
 
 
 def test_consumer_warnings_reach_the_page_and_api_clients(app_client, app_module, tmp_path):

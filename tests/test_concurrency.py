@@ -124,18 +124,8 @@ def _raw_call(url: str, endpoint: str, data: list) -> str:
 
 
 def test_a_client_cannot_make_the_app_read_a_server_path(app_url, app_module):
-    """File inputs must have been uploaded: a path to a server file (outside gradio's cache) is refused."""
-    outside = [
-        str(EXAMPLE_LORA),  # a real LoRA on the server, readable by the app itself
-        f"{app_module.demo.GRADIO_CACHE}/../{EXAMPLE_LORA.name}",
-        str(Path(app_module.__file__).resolve()),
-    ]
-    for path in outside:
-        file_data = {"path": path, "meta": {"_type": "gradio.FileData"}}
-        inspected = _raw_call(app_url, "inspect", [file_data])
-        resized = _raw_call(app_url, "resize", [file_data, "svd", 2, 2, None, 0, None, "", "keep", "", None])
-        for stream in (inspected, resized):
-            assert stream.startswith("event: error") and "sha256" not in stream and "rank_out" not in stream
+    """File inputs must have been uploaded: a path to a server file (outside gradio's cache) is refused, as the LoRA
+    and as its PEFT config."""
     uploaded = httpx.post(
         f"{app_url}gradio_api/upload",
         files={"files": ("../../escape.safetensors", EXAMPLE_LORA.read_bytes())},
@@ -143,9 +133,20 @@ def test_a_client_cannot_make_the_app_read_a_server_path(app_url, app_module):
     ).json()[0]
     cache = Path(app_module.demo.GRADIO_CACHE).resolve()
     assert Path(uploaded).resolve().is_relative_to(cache) and Path(uploaded).name == "escape.safetensors"
-    assert "event: complete" in _raw_call(
-        app_url, "inspect", [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}]
-    )
+    lora = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+    assert "event: complete" in _raw_call(app_url, "inspect", [lora, None])
+    outside = [
+        str(EXAMPLE_LORA),  # a real LoRA on the server, readable by the app itself
+        f"{app_module.demo.GRADIO_CACHE}/../{EXAMPLE_LORA.name}",
+        str(Path(app_module.__file__).resolve()),
+    ]
+    for path in outside:
+        file_data = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        inspected = _raw_call(app_url, "inspect", [file_data, None])
+        resized = _raw_call(app_url, "resize", [file_data, "svd", 2, 2, None, 0, None, "", "keep", "", None, None])
+        as_config = _raw_call(app_url, "inspect", [lora, file_data])
+        for stream in (inspected, resized, as_config):
+            assert stream.startswith("event: error") and "sha256" not in stream and "rank_out" not in stream
 
 
 @pytest.mark.parametrize(

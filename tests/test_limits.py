@@ -222,16 +222,16 @@ def test_the_app_launches_with_its_upload_limit(app_url, app_module):
 PREVIEW_OVER_LIMITS = [
     ({"prompts": "\n".join(f"a cat {i}" for i in range(preview.MAX_PROMPTS + 1))}, "at most 6 prompts"),
     ({"prompts": "a" * (preview.MAX_PROMPT_CHARS + 1)}, f"limited to {preview.MAX_PROMPT_CHARS} characters"),
-    # the sliders' own bounds, checked by gradio before the handler runs
+    # the preview's own bounds (lora_ops.preview), checked before the GPU is asked for
     (
         {"steps": preview.MAX_STEPS + 1},
-        f"Value {preview.MAX_STEPS + 1} is greater than maximum value {preview.MAX_STEPS}",
+        f"steps must be between 1 and {preview.MAX_STEPS} (got {preview.MAX_STEPS + 1})",
     ),
     (
         {"width": preview.MAX_SIDE + 16},
-        f"Value {preview.MAX_SIDE + 16} is greater than maximum value {preview.MAX_SIDE}",
+        f"width and height must be between {preview.MIN_SIDE} and {preview.MAX_SIDE} pixels",
     ),
-    ({"guidance_scale": preview.MAX_GUIDANCE + 1}, f"greater than maximum value {preview.MAX_GUIDANCE}"),
+    ({"guidance_scale": preview.MAX_GUIDANCE + 1}, f"guidance scale must be between 0 and {preview.MAX_GUIDANCE:g}"),
     ({"seed": preview.MAX_SEED + 1}, "seed must be between"),
     (
         {
