@@ -467,12 +467,12 @@ def show_method_controls(method: str) -> tuple:
     return tuple(gr.update(visible=name in used) for name in ("niter", "density", "seed"))
 
 
-def show_rank_mode(mode: str, energy: float | None) -> tuple:
-    """One budget at a time: the energy or size box of the chosen mode, the other one hidden and blank, so no
+def show_rank_mode(mode: str) -> tuple:
+    """One budget at a time: the box of the chosen mode, shown with its default, the others hidden and blank, so no
     value is kept meaning something else."""
     return (
-        gr.update(visible=mode == "energy", value=(energy or DEFAULT_ENERGY) if mode == "energy" else None),
-        gr.update(visible=mode == "size", value="" if mode != "size" else gr.skip()),
+        gr.update(visible=mode == "energy", value=DEFAULT_ENERGY if mode == "energy" else None),
+        gr.update(visible=mode == "size", value=""),
         gr.update(label="rank" if mode == "rank" else "rank (the most any layer gets)"),
     )
 
@@ -1034,9 +1034,7 @@ def _wire(
         **INSTANT,
     )
     resize.rank.change(lambda: None, None, resize.methods_table, **INSTANT)
-    resize.mode.change(
-        show_rank_mode, [resize.mode, resize.energy], [resize.energy, resize.target_size, resize.rank], **INSTANT
-    )
+    resize.mode.change(show_rank_mode, resize.mode, [resize.energy, resize.target_size, resize.rank], **INSTANT)
     resize.method.change(show_method_controls, resize.method, [resize.niter, resize.density, resize.seed], **INSTANT)
 
     resize.button.click(
