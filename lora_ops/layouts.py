@@ -179,8 +179,9 @@ class LoraModule:
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A LoRA file understood from its header alone: layout, modules in natural order of their names
-    (:func:`natural_key`), untouched keys."""
+    """A LoRA file understood from its header alone: layout, modules sorted by name (the order safetensors stores
+    tensors of one dtype in, so the factors are read front to back; reports list them in natural order, see
+    :func:`in_natural_order`), untouched keys."""
 
     path: Path
     header: Header
@@ -189,6 +190,12 @@ class LoraFile:
     family: str
     modules: tuple[LoraModule, ...]
     passthrough: tuple[str, ...]
+
+
+def in_natural_order(layers: list[dict]) -> list[dict]:
+    """Report rows (each with a ``"name"``) sorted by :func:`natural_key` of their names, as pages, the CLI and
+    JSON reports show layers."""
+    return sorted(layers, key=lambda layer: natural_key(layer["name"]))
 
 
 def natural_key(name: str) -> tuple[tuple[str | tuple[int, str], ...], str]:
@@ -265,8 +272,7 @@ def parse_lora(path: str | Path, header: Header) -> LoraFile:
         raise LoraError(f"{path.name} mixes LoRA layouts ({', '.join(sorted(layout_names))}); resize them apart")
     layout = LAYOUT_BY_NAME[next(iter(layout_names))]
     modules = tuple(
-        _module(path.name, layout, name, roles, header.tensors)
-        for (_, name), roles in sorted(factors.items(), key=lambda item: natural_key(item[0][1]))
+        _module(path.name, layout, name, roles, header.tensors) for (_, name), roles in sorted(factors.items())
     )
     used = {key for m in modules for key in (m.down_key, m.up_key, m.alpha_key) if key}
     names = [m.name for m in modules]

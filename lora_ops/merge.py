@@ -45,7 +45,7 @@ from .atomic import write_json
 from .digest import file_sha256
 from .errors import LoraError
 from .files import DEFAULT_LIMITS, Limits, TensorReader, open_tensors
-from .layouts import LoraFile, LoraModule, model_family
+from .layouts import LoraFile, LoraModule, in_natural_order, model_family
 from .merge_inputs import check_weight
 from .options import ResizeOptions
 from .resize import (
@@ -446,7 +446,7 @@ def merge_files(
         "worst_error": errors[worst],
         "median_error": statistics.median(errors),
         "worst_layer": layers[worst]["name"],
-        "layers": layers,
+        "layers": in_natural_order(layers),
     }
 
 

@@ -23,7 +23,7 @@ from .consumers import ScaleReading, consumer_warnings
 from .digest import file_sha256
 from .errors import LoraError
 from .files import DEFAULT_LIMITS, TORCH_DTYPES, Limits, TensorInfo, open_tensors, read_header
-from .layouts import LoraFile, LoraModule, parse_lora
+from .layouts import LoraFile, LoraModule, in_natural_order, parse_lora
 from .options import MAX_RANK, NO_RANK, ResizeOptions
 from .ranks import RANK_RULES, threshold_ranks
 from .scales import (
@@ -610,7 +610,7 @@ def write_resized(
         "worst_error": errors[worst],
         "median_error": statistics.median(errors),
         "worst_layer": layers[worst]["name"],
-        "layers": layers,
+        "layers": in_natural_order(layers),
     }
     return report, config
 
@@ -705,15 +705,17 @@ def inspect_file(path: str | Path, *, config: str | Path | None = None, limits: 
         "scale_source": source.scale_source,
         "metadata": dict(lora.header.metadata),
         "passthrough": len(lora.passthrough),
-        "layers": [
-            {
-                "name": m.name,
-                "shape": m.delta_shape,
-                "rank": m.rank,
-                "scale": scale,
-                "dtype": DTYPE_LABELS[m.down_dtype],
-                "singular_values": s.tolist(),
-            }
-            for m, scale, s in zip(lora.modules, source.scales, spectra)
-        ],
+        "layers": in_natural_order(
+            [
+                {
+                    "name": m.name,
+                    "shape": m.delta_shape,
+                    "rank": m.rank,
+                    "scale": scale,
+                    "dtype": DTYPE_LABELS[m.down_dtype],
+                    "singular_values": s.tolist(),
+                }
+                for m, scale, s in zip(lora.modules, source.scales, spectra)
+            ]
+        ),
     }

@@ -315,3 +315,20 @@ def test_kohya_legacy_hash_matches_sd_scripts(tmp_path):
     assert metadata["sshs_legacy_hash"] == hashlib.sha256(reference[0x100000:0x110000]).hexdigest()[:8]
     header_bytes = int.from_bytes(reference[:8], "little")
     assert metadata["sshs_model_hash"] == hashlib.sha256(reference[8 + header_bytes :]).hexdigest()
+
+
+def test_reports_list_layers_in_natural_order_while_the_file_is_read_front_to_back(tmp_path):
+    """Modules are read in the file's (name-sorted) order, so reads go front to back; reports, and so the page and
+    the CLI, list them naturally: block 2 before block 10."""
+    from lora_ops.files import read_header
+    from lora_ops.layouts import parse_lora
+
+    shapes = {f"blocks.{i}.proj": (8, 8) for i in (1, 2, 10)}  # written as transformer.<name>
+    source = tmp_path / "blocks.safetensors"
+    synthetic.save_lora(synthetic.make_lora(shapes, 2), source)
+    read_order = [m.name for m in parse_lora(source, read_header(source)).modules]
+    assert read_order == [f"transformer.{name}" for name in sorted(shapes)]  # 1, 10, 2
+    natural = ["transformer.blocks.1.proj", "transformer.blocks.2.proj", "transformer.blocks.10.proj"]
+    assert [layer["name"] for layer in lora_ops.inspect_file(source)["layers"]] == natural
+    report = lora_ops.resize_file(source, tmp_path / "out.safetensors", lora_ops.ResizeOptions(rank=1))
+    assert [layer["name"] for layer in report["layers"]] == natural
