@@ -407,27 +407,22 @@ def load_example() -> tuple[str, None, str]:
 
 
 def show_inspection(report: dict | None) -> tuple:
-    """The source's summary, warnings and metadata for a new inspect report; the previous result is cleared."""
-    metadata_rows = plots.metadata_count(report) if report else 0
+    """The source's summary, warnings and metadata for a new inspect report (all blank without one), its JSON, and
+    the previous result cleared: resize report, file, summary, layer table and method table."""
+    report = report or {}
+    metadata_rows = plots.metadata_count(report)
     metadata = gr.Accordion(
-        label=plots.metadata_title(report or {}),
+        label=plots.metadata_title(report),
         open=metadata_rows <= METADATA_ROWS_SHOWN_OPEN,
         visible=metadata_rows > 0,
     )
-    if not report:
-        return "", "", metadata, "", None, None, None, "", None, None
-    return (
-        plots.inspect_markdown(report),
-        "\n".join(plots.warning_lines(report)),
-        metadata,
-        plots.metadata_markdown(report),
-        report,
-        None,
-        None,
-        "",
-        None,
-        None,
+    shown = (
+        (plots.inspect_markdown(report), "\n".join(plots.warning_lines(report)), plots.metadata_markdown(report))
+        if report
+        else ("", "", "")
     )
+    summary, warnings, metadata_table = shown
+    return summary, warnings, metadata, metadata_table, report or None, None, None, "", None, None
 
 
 def show_plot(report: dict | None, result: dict | None, rank: object, mode: str, energy: object) -> tuple:

@@ -27,7 +27,6 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.dense_reference import pairs, relative_error
+from benchmarks.measure import emit_json
 from lora_ops.merge_inputs import parse_weighted
 
 CLAMP_QUANTILE = 0.99  # sd-scripts' constant of the same name
@@ -105,11 +105,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1, help="layers timed per distinct shape")
     parser.add_argument("--json", type=Path, help="write the report here instead of printing it")
     args = parser.parse_args()
-    report = json.dumps(sample_layers(args.inputs, args.rank, args.samples), indent=1)
-    if args.json:
-        args.json.write_text(report)
-    else:
-        print(report)
+    emit_json(sample_layers(args.inputs, args.rank, args.samples), args.json)
 
 
 if __name__ == "__main__":

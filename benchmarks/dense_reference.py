@@ -18,7 +18,6 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections import defaultdict
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from benchmarks.measure import emit_json
 
 PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight"))
 LOWRANK_MIN_WIDTH = 2048
@@ -126,11 +127,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1, help="layers timed per distinct shape")
     parser.add_argument("--json", type=Path, help="write the report here instead of printing it")
     args = parser.parse_args()
-    report = json.dumps(sample_layers(args.source, args.method, args.rank, args.samples), indent=1)
-    if args.json:
-        args.json.write_text(report)
-    else:
-        print(report)
+    emit_json(sample_layers(args.source, args.method, args.rank, args.samples), args.json)
 
 
 if __name__ == "__main__":

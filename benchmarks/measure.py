@@ -7,6 +7,7 @@ process that only imports what the benchmarked processes import (``BASELINE_IMPO
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 SAMPLE_SECONDS = 0.005
 BASELINE_IMPORTS = "import torch, safetensors.torch, lora_ops.cli, lora_ops.synthetic"
@@ -69,3 +71,12 @@ def baseline_anon(repeats: int) -> int:
     """Median peak ``RssAnon`` in bytes of a process that only imports ``BASELINE_IMPORTS``."""
     runs = [run_process([sys.executable, "-c", BASELINE_IMPORTS]) for _ in range(repeats)]
     return int(statistics.median(run.peak_anon for run in runs))
+
+
+def emit_json(report: object, path: Path | None) -> None:
+    """A sampling script's report as indented JSON: written to ``path`` (its ``--json``), else printed."""
+    text = json.dumps(report, indent=1)
+    if path:
+        path.write_text(text)
+    else:
+        print(text)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from .atomic import write_json
 from .digest import file_sha256
 from .errors import LoraError
 from .files import DEFAULT_LIMITS, Limits, TensorReader, open_tensors
-from .layouts import LoraFile, LoraModule, in_natural_order, model_family
+from .layouts import LoraFile, LoraModule, model_family
 from .merge_inputs import check_weight
 from .options import ResizeOptions
 from .resize import (
@@ -67,6 +66,7 @@ from .resize import (
     _scale_carriers,
     _Source,
     check_device,
+    layer_errors,
     store_module,
 )
 from .scales import (
@@ -414,8 +414,6 @@ def merge_files(
                         progress(done, len(merged))
     if config is not None:
         write_json(dst.parent / PEFT_CONFIG_NAME, config)
-    errors = [layer["rel_error"] for layer in layers]
-    worst = max(range(len(layers)), key=errors.__getitem__)
     bytes_in = sum(source.lora.header.file_bytes for source in sources)
     bytes_out = dst.stat().st_size
     return {
@@ -443,10 +441,7 @@ def merge_files(
         "rank_in": rank_histogram([module.rank for module in lora.modules]),
         "rank_out": rank_histogram(ranks),
         "alpha": alpha,
-        "worst_error": errors[worst],
-        "median_error": statistics.median(errors),
-        "worst_layer": layers[worst]["name"],
-        "layers": in_natural_order(layers),
+        **layer_errors(layers),
     }
 
 

@@ -374,6 +374,18 @@ def _output_bytes_besides_factors(source: _Source, options: ResizeOptions) -> in
     return header + sum(lora.header.tensors[k].nbytes for k in lora.passthrough) + 8 * len(lora.modules)
 
 
+def layer_errors(layers: list[dict]) -> dict:
+    """The report entries summing up per-layer rows (each with ``name`` and ``rel_error``): ``worst_error``,
+    ``median_error``, ``worst_layer`` and ``layers`` (the rows in natural order)."""
+    worst = max(layers, key=lambda layer: layer["rel_error"])
+    return {
+        "worst_error": worst["rel_error"],
+        "median_error": statistics.median(layer["rel_error"] for layer in layers),
+        "worst_layer": worst["name"],
+        "layers": in_natural_order(layers),
+    }
+
+
 def store_module(
     output,
     module: LoraModule,
@@ -587,8 +599,6 @@ def write_resized(
                     done += 1
                     if progress:
                         progress(done, len(lora.modules))
-    errors = [layer["rel_error"] for layer in layers]
-    worst = max(range(len(layers)), key=errors.__getitem__)
     bytes_out = place.stat().st_size
     report = {
         "layout": lora.layout.name,
@@ -607,10 +617,7 @@ def write_resized(
         "rank_in": provenance.source_ranks,
         "rank_out": rank_histogram(ranks),
         "alpha": alpha,
-        "worst_error": errors[worst],
-        "median_error": statistics.median(errors),
-        "worst_layer": layers[worst]["name"],
-        "layers": in_natural_order(layers),
+        **layer_errors(layers),
     }
     return report, config
 
