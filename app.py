@@ -1028,7 +1028,7 @@ def _wire(
         trigger_mode="always_last",
         **INSTANT,
     )
-    resize.rank.change(lambda: None, None, resize.methods_table, **INSTANT)
+    resize.rank.change(plots.methods_at_rank, [resize.methods_table, resize.rank], resize.methods_table, **INSTANT)
     resize.mode.change(show_rank_mode, resize.mode, [resize.energy, resize.target_size, resize.rank], **INSTANT)
     resize.method.change(show_method_controls, resize.method, [resize.niter, resize.density, resize.seed], **INSTANT)
 

@@ -261,6 +261,14 @@ def compare_methods(
     return pd.DataFrame(rows, columns=list(METHOD_TABLE_COLUMNS))
 
 
+def methods_at_rank(table: pd.DataFrame | None, rank: object) -> pd.DataFrame | None:
+    """A `compare_methods` table while it is still for ``rank``; None (cleared) once the rank has changed, so the
+    page never shows one rank's numbers beside another. Order-proof: a late check keeps a table made at ``rank``."""
+    if table is None or len(table) == 0 or "rank" not in table:
+        return None
+    return table if all(value == rank for value in table["rank"]) else None
+
+
 def inspect_markdown(report: dict) -> str:
     """A short Markdown summary of an `inspect_file` report: format, size, ranks and scale. The trainer metadata
     (`metadata_markdown`) and the consumer warnings (`warning_lines`) are shown apart."""

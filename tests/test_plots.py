@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from markdown_it import MarkdownIt
@@ -356,3 +357,12 @@ def test_compare_methods_runs_every_method_and_keeps_no_file(fp32_lora, tmp_path
     assert (table["seconds"] > 0).all()
     assert seen == [1, 2, 3, 4]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_method_table_is_kept_only_while_it_is_for_the_chosen_rank():
+    table = pd.DataFrame([("svd", 3, 1.0, 0.5, 0.1)], columns=list(plots.METHOD_TABLE_COLUMNS))
+    assert plots.methods_at_rank(table, 3) is table
+    assert plots.methods_at_rank(table, 3.0) is table
+    assert plots.methods_at_rank(table, 5) is None
+    assert plots.methods_at_rank(table, "x") is None
+    assert plots.methods_at_rank(None, 3) is None
