@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from . import __version__
@@ -49,7 +48,6 @@ from .merge_inputs import check_weight
 from .options import ResizeOptions
 from .resize import (
     BY_CONFIG,
-    EXACT_IN_FLOAT32,
     SHA256_PLACEHOLDER,
     Progress,
     _batches,
@@ -267,29 +265,20 @@ def _sources_text(sources: list[_Source], weights: list[float], digests: list[st
     return json.dumps(entries, sort_keys=True)
 
 
-def _read_merged(handles: list[TensorReader], merged: _Merged, buffers: threading.local) -> tuple[Tensor, Tensor]:
-    """A merged module's concatenated factors, ``down [R, n]`` and ``up [m, R]``, each part's rows of down (when
-    ``n < m``) or columns of up (otherwise: the smaller factor) times its ``weight x scale``: in float32 when the
-    module's dtypes are 16-bit (whose values float32 holds exactly; the product with the factor is rounded to
-    float32, 6e-8 relative), else float64. Views of this thread's buffer in ``buffers``, valid until the thread's
-    next read (see :func:`lora_ops.resize._read_pair`)."""
-    module = merged.module
-    dtype = torch.float32 if {module.down_dtype, module.up_dtype} <= EXACT_IN_FLOAT32 else torch.float64
-    rank, width, height = module.rank, module.in_features, module.out_features
-    nbytes = rank * (width + height) * dtype.itemsize
-    buffer = getattr(buffers, "merged", None)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = buffers.merged = torch.empty(nbytes, dtype=torch.uint8)
-    values = buffer[:nbytes].view(dtype)
-    down, up = values[: rank * width].view(rank, width), values[rank * width :].view(height, rank)
+def _copy_merged(
+    handles: list[TensorReader], merged: _Merged, buffers: threading.local, down: Tensor, up: Tensor
+) -> None:
+    """A :data:`lora_ops.resize.PairReader` of a merged module: its concatenated factors copied into ``down [R, n]``
+    and ``up [m, R]``, each part's rows of down (when ``n < m``) or columns of up (otherwise: the smaller factor)
+    times its ``weight x scale``, in the destination's dtype (float32 for 16-bit inputs, whose values it holds
+    exactly: the product is rounded to float32, 6e-8 relative)."""
     start = 0
     for part in merged.parts:
-        part_down, part_up = _read_pair(handles[part.source], part.module, buffers)
         stop = start + part.module.rank
+        part_down, part_up = _read_pair(handles[part.source], part.module, buffers)
         rows, columns = down[start:stop].copy_(part_down), up[:, start:stop].copy_(part_up)
-        (rows if width < height else columns).mul_(part.factor)
+        (rows if down.shape[1] < up.shape[0] else columns).mul_(part.factor)
         start = stop
-    return down, up
 
 
 def _name_bad_input(merged: list[_Merged], handles: list[TensorReader], sources: list[_Source]) -> None:
@@ -389,7 +378,7 @@ def merge_files(
 
         handles = [open_tensors(source.lora.path, source.lora.header) for source in sources]
         buffers = threading.local()  # one read buffer per thread, for the duration of this merge
-        readers = [functools.partial(_read_merged, handles, m, buffers) for m in merged]
+        readers = [functools.partial(_copy_merged, handles, m, buffers) for m in merged]
         folds = [MERGED_SCALE / out_scale for out_scale in out_scales]
 
         def merge_batch(batch: list[int]) -> list[tuple[dict, Tensor, Tensor]]:

@@ -159,9 +159,10 @@ def _scale_carriers(lora: LoraFile, scale_source: str) -> list[str]:
 EXACT_IN_FLOAT32 = {"F16", "BF16"}
 
 
-# Reads one module's stored factors when called: a batch's pairs are read by the worker that stacks them, one pair
-# at a time, so that only the pairs being copied are in memory, not the batches waiting for a worker.
-PairReader = Callable[[], tuple[Tensor, Tensor]]
+# Copies one module's stored factors into ``down [r, n]`` and ``up [m, r]`` (its rows of a batch's stacked factors,
+# converting the dtype) when called: a batch's pairs are read by the worker that stacks them, one pair at a time,
+# so that only the pairs being copied are in memory, not the batches waiting for a worker.
+PairReader = Callable[[Tensor, Tensor], None]
 
 
 def _read_pair(handle, module: LoraModule, buffers: threading.local) -> tuple[Tensor, Tensor]:
@@ -178,13 +179,20 @@ def _read_pair(handle, module: LoraModule, buffers: threading.local) -> tuple[Te
     return down.reshape(module.rank, -1), up.reshape(up.shape[0], module.rank)
 
 
+def _copy_pair(handle, module: LoraModule, buffers: threading.local, down: Tensor, up: Tensor) -> None:
+    """A :data:`PairReader` of one module: :func:`_read_pair` copied into ``down`` and ``up``."""
+    stored_down, stored_up = _read_pair(handle, module, buffers)
+    down.copy_(stored_down)
+    up.copy_(stored_up)
+
+
 def _read_batches(
     handle, modules: tuple[LoraModule, ...], batches: list[list[int]], scales: list[float]
 ) -> Iterator[tuple[list[LoraModule], list[tuple[Tensor, Tensor]], list[float]]]:
     """Per batch of module indices: the modules, a :data:`PairReader` of each one's factors and their ``scales``."""
     buffers = threading.local()  # one read buffer per thread, for the duration of this reading
     for batch in batches:
-        readers = [functools.partial(_read_pair, handle, modules[i], buffers) for i in batch]
+        readers = [functools.partial(_copy_pair, handle, modules[i], buffers) for i in batch]
         yield [modules[i] for i in batch], readers, [scales[i] for i in batch]
 
 
@@ -223,9 +231,7 @@ def _factors(
         downs = torch.empty((len(index), *down_shape), dtype=dtype, device=device)
         ups = torch.empty((len(index), *up_shape), dtype=dtype, device=device)
         for row, item in enumerate(index):
-            down, up = stored[item]()
-            downs[row].copy_(down)
-            ups[row].copy_(up)
+            stored[item](downs[row], ups[row])
         factors_scales = torch.tensor([scales[item] for item in index], dtype=torch.float64, device=device)
         return linalg.Factors.of(downs, ups, factors_scales)
 
@@ -247,8 +253,9 @@ def _factors(
     finite = double.finite().tolist()
     if all(finite):
         return [solved(everything, double)]
-    module, (down, up) = next((m, read()) for m, read, ok in zip(modules, stored, finite) if not ok)
-    bad = [key for key, tensor in zip((module.down_key, module.up_key), (down, up)) if not tensor.isfinite().all()]
+    row = finite.index(False)
+    module, pair = modules[row], (double.down[row], double.up[row])
+    bad = [key for key, tensor in zip((module.down_key, module.up_key), pair) if not tensor.isfinite().all()]
     raise LoraError(f"{bad[0]!r} contains NaN or Inf values" if bad else f"module {module.name!r}: values too large")
 
 
