@@ -8,6 +8,7 @@ process that only imports what the benchmarked processes import (``BASELINE_IMPO
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -44,7 +45,11 @@ def _rss_anon(pid: int) -> int | None:
 
 
 def run_process(command: list[str]) -> Run:
-    """Run ``command`` to completion, its output to a temporary file; raise with that output if it fails."""
+    """Run ``command`` to completion, its output to a temporary file; raise with that output if it fails.
+
+    The page cache's dirty data is flushed first (``os.sync``, untimed): the kernel writes a file back after its
+    writer has exited, so a run would otherwise share the disk with the write-back of the run before it."""
+    os.sync()
     with tempfile.TemporaryFile(mode="w+") as output:
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()

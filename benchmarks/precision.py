@@ -13,32 +13,33 @@ from pathlib import Path
 
 import torch
 
-from lora_ops import ResizeOptions, resize, resize_file
-from lora_ops.files import open_tensors
+from lora_ops import ResizeOptions, batching, resize_file
+from lora_ops.files import DEFAULT_LIMITS, open_tensors
+from lora_ops.inputs import open_source
 
 
 def reports(path: str, rank: int) -> tuple[dict, dict]:
     """The resize reports of ``path`` at ``rank``: the default way, and with float64 products throughout."""
     with tempfile.TemporaryDirectory() as folder:
         default = resize_file(path, Path(folder) / "default.safetensors", ResizeOptions(rank=rank))
-        exact, resize.EXACT_IN_FLOAT32 = resize.EXACT_IN_FLOAT32, set()
+        exact, batching.EXACT_IN_FLOAT32 = batching.EXACT_IN_FLOAT32, set()
         try:
             double = resize_file(path, Path(folder) / "double.safetensors", ResizeOptions(rank=rank))
         finally:
-            resize.EXACT_IN_FLOAT32 = exact
+            batching.EXACT_IN_FLOAT32 = exact
     return default, double
 
 
 def solved_in_float64(path: str, rank: int) -> int:
     """How many of the 16-bit modules of ``path`` the default way solves in float64 when resizing to ``rank``."""
-    source = resize._open_source(path, None, resize.DEFAULT_LIMITS)
+    source = open_source(path, None, DEFAULT_LIMITS)
     modules = source.lora.modules
-    batches = resize._batches(modules, [rank] * len(modules))
+    batches = batching.group_batches(modules, [rank] * len(modules))
     handle = open_tensors(source.lora.path, source.lora.header)
     count = 0
-    for batch, stored, scales in resize._read_batches(handle, modules, batches, source.scales):
-        if {batch[0].down_dtype, batch[0].up_dtype} <= resize.EXACT_IN_FLOAT32:
-            parts = resize._factors(batch, stored, scales, "cpu", rank if rank < batch[0].rank else 0)
+    for batch, stored, scales in batching.read_batches(handle, modules, batches, source.scales):
+        if {batch[0].down_dtype, batch[0].up_dtype} <= batching.EXACT_IN_FLOAT32:
+            parts = batching.stacked_factors(batch, stored, scales, "cpu", rank if rank < batch[0].rank else 0)
             count += sum(len(index) for index, factors, _ in parts if factors.down.dtype == torch.float64)
     return count
 

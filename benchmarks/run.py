@@ -138,6 +138,7 @@ def bench_workload(
         for rank in workload.ranks:
             command = python_module("benchmarks.io_floor", str(source), str(output), "--rank", str(rank))
             floor_runs[rank].append(run_process(command))
+            output.unlink()
         for contender in contenders:
             report_path = scratch / "report.json"
             command = python_module(

@@ -38,35 +38,17 @@ from pathlib import Path
 
 from torch import Tensor
 
-from . import __version__
+from . import __version__, outputs
 from .atomic import write_json
+from .batching import group_batches, layer_errors, read_pair, resize_batch
 from .digest import file_sha256
 from .errors import LoraError
 from .files import DEFAULT_LIMITS, Limits, TensorReader, open_tensors
+from .inputs import BY_CONFIG, Source, check_limits, file_identity, open_source, scale_carriers
 from .layouts import LoraFile, LoraModule, model_family
 from .merge_inputs import check_weight
 from .options import ResizeOptions
-from .resize import (
-    BY_CONFIG,
-    SHA256_PLACEHOLDER,
-    Progress,
-    _batches,
-    _check_config_destination,
-    _check_destination,
-    _check_work,
-    _file_identity,
-    _open_source,
-    _out_scale,
-    _output_alphas,
-    _output_specs,
-    _read_pair,
-    _resize_batch,
-    _scale_carriers,
-    _Source,
-    check_device,
-    layer_errors,
-    store_module,
-)
+from .resize import Progress, check_device
 from .scales import (
     DIFFUSERS_METADATA_KEY,
     FROM_DIFFUSERS_METADATA,
@@ -117,7 +99,7 @@ class _Merged:
     parts: tuple[_Part, ...]
 
 
-def _check_same_model(sources: list[_Source]) -> None:
+def _check_same_model(sources: list[Source]) -> None:
     """Refuse inputs of different layouts, a module with different shapes in two of them, and non-LoRA tensors."""
     first = sources[0].lora
     for source in sources:
@@ -143,7 +125,7 @@ def _check_same_model(sources: list[_Source]) -> None:
                 )
 
 
-def _merged_modules(sources: list[_Source], weights: list[float]) -> list[_Merged]:
+def _merged_modules(sources: list[Source], weights: list[float]) -> list[_Merged]:
     """Every module of any input, by name, with its parts; the output module has the concatenated rank."""
     parts: dict[str, list[_Part]] = {}
     for index, (source, weight) in enumerate(zip(sources, weights)):
@@ -169,7 +151,7 @@ def _with_alpha(merged: _Merged, part: _Part | None) -> LoraModule:
     return replace(merged.module, alpha_key=part.module.alpha_key if part else None)
 
 
-def _base_metadata(sources: list[_Source]) -> dict[str, str]:
+def _base_metadata(sources: list[Source]) -> dict[str, str]:
     """The output's metadata before :func:`lora_ops.writer.build_metadata`: the entries every input has alike, and the
     first input's scale-carrying and kohya rank entries (regenerated for the new ranks)."""
     metadata = sources[0].lora.header.metadata
@@ -183,7 +165,7 @@ def _base_metadata(sources: list[_Source]) -> dict[str, str]:
     }
 
 
-def _output_source(sources: list[_Source], merged: list[_Merged]) -> _Source:
+def _output_source(sources: list[Source], merged: list[_Merged]) -> Source:
     """The merged file as if it were an input: its modules, their carriers (by the first input's scale source), and
     scale :data:`MERGED_SCALE` each."""
     first = sources[0]
@@ -197,7 +179,7 @@ def _output_source(sources: list[_Source], merged: list[_Merged]) -> _Source:
         passthrough=(),
     )
     # carriers as every input's alpha keys make them, then the alpha keys they keep
-    carriers = _scale_carriers(
+    carriers = scale_carriers(
         replace(lora, modules=tuple(_with_alpha(m, _alpha_part(m, False)) for m in merged)), first.scale_source
     )
     alpha_parts = [_alpha_part(m, carrier == BY_CONFIG) for m, carrier in zip(merged, carriers)]
@@ -205,7 +187,7 @@ def _output_source(sources: list[_Source], merged: list[_Merged]) -> _Source:
     alpha_tensors = {
         part.module.name: sources[part.source].alpha_tensors[part.module.name] for part in alpha_parts if part
     }
-    return _Source(
+    return Source(
         lora=replace(lora, modules=modules),
         scales=[MERGED_SCALE] * len(merged),
         scale_source=first.scale_source,
@@ -238,7 +220,7 @@ def _cover_metadata_targets(metadata: dict[str, str], lora: LoraFile, first: Lor
     metadata[DIFFUSERS_METADATA_KEY] = json.dumps(fields, indent=2, sort_keys=True)
 
 
-def _peft_config(source: _Source, first: LoraFile, ranks: list[int]) -> dict | None:
+def _peft_config(source: Source, first: LoraFile, ranks: list[int]) -> dict | None:
     """The PEFT ``adapter_config.json`` of the output, when the first input has one: the new ranks, scale 1, and
     ``target_modules`` covering every module."""
     if source.peft_config is None:
@@ -251,7 +233,7 @@ def _peft_config(source: _Source, first: LoraFile, ranks: list[int]) -> dict | N
     return config
 
 
-def _sources_text(sources: list[_Source], weights: list[float], digests: list[str]) -> str:
+def _sources_text(sources: list[Source], weights: list[float], digests: list[str]) -> str:
     """:data:`SOURCES_KEY`'s value: per input its file name, sha256, weight and rank histogram (JSON)."""
     entries = [
         {
@@ -268,25 +250,25 @@ def _sources_text(sources: list[_Source], weights: list[float], digests: list[st
 def _copy_merged(
     handles: list[TensorReader], merged: _Merged, buffers: threading.local, down: Tensor, up: Tensor
 ) -> None:
-    """A :data:`lora_ops.resize.PairReader` of a merged module: its concatenated factors copied into ``down [R, n]``
+    """A :data:`lora_ops.batching.PairReader` of a merged module: its concatenated factors copied into ``down [R, n]``
     and ``up [m, R]``, each part's rows of down (when ``n < m``) or columns of up (otherwise: the smaller factor)
     times its ``weight x scale``, in the destination's dtype (float32 for 16-bit inputs, whose values it holds
     exactly: the product is rounded to float32, 6e-8 relative)."""
     start = 0
     for part in merged.parts:
         stop = start + part.module.rank
-        part_down, part_up = _read_pair(handles[part.source], part.module, buffers)
+        part_down, part_up = read_pair(handles[part.source], part.module, buffers)
         rows, columns = down[start:stop].copy_(part_down), up[:, start:stop].copy_(part_up)
         (rows if down.shape[1] < up.shape[0] else columns).mul_(part.factor)
         start = stop
 
 
-def _name_bad_input(merged: list[_Merged], handles: list[TensorReader], sources: list[_Source]) -> None:
+def _name_bad_input(merged: list[_Merged], handles: list[TensorReader], sources: list[Source]) -> None:
     """Raise a :class:`LoraError` naming the input file and tensor of the first part with NaN or Inf values."""
     buffers = threading.local()
     for module in merged:
         for part in module.parts:
-            factors = _read_pair(handles[part.source], part.module, buffers)
+            factors = read_pair(handles[part.source], part.module, buffers)
             for key, tensor in zip((part.module.down_key, part.module.up_key), factors):
                 if not bool(tensor.isfinite().all()):
                     raise LoraError(f"{sources[part.source].lora.path.name}: {key!r} contains NaN or Inf values")
@@ -336,21 +318,21 @@ def merge_files(
     paths = [Path(path) for path, _ in inputs]
     weights = [check_weight(weight, path) for path, weight in inputs]
     dst = Path(output)
-    identities = [_file_identity(path) if path.is_file() else None for path in paths]
-    sources = [_open_source(path, None, limits, rank or 0) for path in paths]
+    identities = [file_identity(path) if path.is_file() else None for path in paths]
+    sources = [open_source(path, None, limits, rank or 0) for path in paths]
     for path, source in zip(paths, sources):
-        _check_destination(path, dst, source.peft_config_path)
+        outputs.check_destination(path, dst, source.peft_config_path)
     _check_same_model(sources)
     merged = _merged_modules(sources, weights)
     out = _output_source(sources, merged)
     lora = out.lora
-    _check_work(lora, limits, rank or 0)
+    check_limits(lora, limits, rank or 0)
     ranks = [rank or module.rank for module in lora.modules]
     config = _peft_config(out, sources[0].lora, ranks)
     if config is not None:
-        _check_config_destination(dst.parent / PEFT_CONFIG_NAME, config)
-    alpha, alpha_tensors = _output_alphas(out, ranks)
-    out_scales = [_out_scale(carrier, MERGED_SCALE, alpha, k) for carrier, k in zip(out.carriers, ranks)]
+        outputs.check_config_destination(dst.parent / PEFT_CONFIG_NAME, config)
+    alpha, alpha_tensors = outputs.output_alphas(out, ranks)
+    out_scales = [outputs.out_scale(carrier, MERGED_SCALE, alpha, k) for carrier, k in zip(out.carriers, ranks)]
     layers: list[dict] = [{}] * len(merged)
     with ThreadPoolExecutor(max_workers=1) as hasher:
         digests = [hasher.submit(file_sha256, path) for path in paths]
@@ -365,14 +347,14 @@ def merge_files(
         metadata = build_metadata(lora, ranks, out.scales, alpha, out.scale_source, provenance)
         for key in SINGLE_SOURCE_KEYS:
             del metadata[key]
-        metadata[SOURCES_KEY] = _sources_text(sources, weights, [SHA256_PLACEHOLDER] * len(sources))
+        metadata[SOURCES_KEY] = _sources_text(sources, weights, [outputs.SHA256_PLACEHOLDER] * len(sources))
         _cover_metadata_targets(metadata, lora, sources[0].lora)
-        specs = _output_specs(out, ranks, options, alpha_tensors)
+        specs = outputs.output_specs(out, ranks, options, alpha_tensors)
 
         def late() -> dict[str, str]:
             values = [digest.result() for digest in digests]
             for path, identity in zip(paths, identities):
-                if _file_identity(path) != identity:
+                if file_identity(path) != identity:
                     raise LoraError(f"{path.name} changed while it was being merged; nothing was written")
             return {SOURCES_KEY: _sources_text(sources, weights, values)}
 
@@ -384,18 +366,18 @@ def merge_files(
         def merge_batch(batch: list[int]) -> list[tuple[dict, Tensor, Tensor]]:
             modules, stored = [lora.modules[i] for i in batch], [readers[i] for i in batch]
             try:
-                return _resize_batch(modules, stored, [folds[i] for i in batch], ranks[batch[0]], options)
+                return resize_batch(modules, stored, [folds[i] for i in batch], ranks[batch[0]], options)
             except LoraError:
                 _name_bad_input([merged[i] for i in batch], handles, sources)
                 raise
 
         with lora_output(dst, specs, metadata, late) as writer:
-            batches = _batches(lora.modules, ranks)
+            batches = group_batches(lora.modules, ranks)
             done = 0
             for batch, results in zip(batches, in_order(merge_batch, batches, workers(options.device))):
                 for index, (row, down, up) in zip(batch, results):
                     row["ranks_in"] = _ranks_in(merged[index], len(sources))
-                    layers[index] = store_module(
+                    layers[index] = outputs.store_module(
                         writer, lora.modules[index], row, down, up, out_scales[index], alpha_tensors
                     )
                     done += 1

@@ -41,8 +41,9 @@ from pathlib import Path
 from .atomic import atomic_path, same_file, write_json
 from .errors import LoraError
 from .files import DEFAULT_LIMITS, Limits
+from .inputs import BY_FACTORS
 from .options import MAX_RANK, ResizeOptions
-from .resize import BY_FACTORS, Prepared, Progress, check_device, check_work, prepare_resize, write_resized
+from .resize import Prepared, Progress, check_device, check_work, prepare_resize, write_resized
 from .scales import PEFT_CONFIG_NAME
 
 # The per-file report entries the summary table repeats.

@@ -31,9 +31,9 @@ from safetensors import safe_open
 
 import lora_ops
 from lora_ops import linalg
+from lora_ops.batching import resize_factors
 from lora_ops.files import DEFAULT_LIMITS, DTYPE_BYTES, Limits, read_header
 from lora_ops.options import MAX_RANK
-from lora_ops.resize import resize_factors
 
 EXPLORE = os.environ.get("LORA_OPS_FUZZ") == "explore"
 

@@ -24,7 +24,7 @@ from gradio_client import Client, handle_file
 from safetensors.torch import save_file
 
 import lora_ops
-from lora_ops import files, linalg, preview, resize
+from lora_ops import files, inputs, linalg, preview, resize
 from lora_ops.files import DEFAULT_LIMITS, Limits
 from tests.bad_inputs import BAD_INPUTS, write_bad_input
 from tests.fixtures_app import EXAMPLE_LORA
@@ -52,7 +52,8 @@ def data_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         opened.append(str(path))
         return real(path, header)
 
-    monkeypatch.setattr(resize, "open_tensors", watched)
+    for module in (inputs, resize):
+        monkeypatch.setattr(module, "open_tensors", watched)
     return opened
 
 
