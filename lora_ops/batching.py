@@ -192,6 +192,8 @@ def resize_factors(
 
 
 def out_dtype(options: ResizeOptions, stored: str) -> torch.dtype:
+    """The dtype a factor stored as ``stored`` (a safetensors dtype name) is written in: ``options.dtype``'s, or
+    its own for ``keep``."""
     return OUTPUT_DTYPES[options.dtype] or TORCH_DTYPES[stored]
 
 

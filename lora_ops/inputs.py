@@ -85,6 +85,10 @@ def check_limits(lora: LoraFile, limits: Limits, rank_out: int) -> None:
 
 
 def open_source(path: str | Path, config: str | Path | None, limits: Limits, rank_out: int = 0) -> Source:
+    """Open the LoRA at ``path``: its header read and checked against ``limits`` (also for new ranks up to
+    ``rank_out``, :func:`check_limits`), its layout, its alpha tensors (the only tensor data read here), its PEFT
+    ``config`` (found beside ``path`` when ``None``) and each module's scale as its loaders read it
+    (:func:`lora_ops.scales.module_scales`). Raises :class:`LoraError`."""
     lora = parse_lora(path, read_header(path, limits))
     check_limits(lora, limits, rank_out)
     handle = open_tensors(lora.path, lora.header)

@@ -28,9 +28,9 @@ def output_alphas(
     source: Source, ranks: list[int], scales: list[float] | None = None
 ) -> tuple[float | None, dict[str, Tensor]]:
     """The alpha the output carries (``None``: every scale is folded into the factors) and its alpha tensors by key:
-    the new alpha (:func:`lora_ops.writer.output_alpha` of the ``scales`` the output is to carry, by default the input's) for each
-    module that carries one, the input's own tensor for a module whose alpha a config overrides (kept as it was, so
-    that the key set keeps its shape)."""
+    the new alpha (:func:`lora_ops.writer.output_alpha` of the ``scales`` the output is to carry, by default the
+    input's) for each module that carries one, the input's own tensor for a module whose alpha a config overrides
+    (kept as it was, so that the key set keeps its shape)."""
     lora, carries = source.lora, [carrier == BY_ALPHA for carrier in source.carriers]
     scales = source.scales if scales is None else scales
     if not any(carries):
@@ -90,6 +90,9 @@ def store_module(
 
 
 def check_destination(source: Path, destination: Path, peft_config_path: Path | None) -> None:
+    """Refuse an output path that is a folder, not a ``.safetensors`` file, in a folder that does not exist, the input
+    ``source`` itself, or in the folder of the input's PEFT config (``peft_config_path``), which the new config would
+    replace. Raises :class:`LoraError`; nothing is created."""
     if destination.is_dir():
         raise LoraError(f"the output {destination} is a folder; give a file name ending in .safetensors")
     if destination.suffix != ".safetensors":

@@ -1,4 +1,6 @@
-"""Inspecting and resizing LoRA files: the public entry points, streaming batches of same-shaped modules."""
+"""Inspecting and resizing LoRA files: the public entry points. An input is opened by :mod:`lora_ops.inputs`, its
+modules are solved in batches of one shape by :mod:`lora_ops.batching` and written one by one as
+:mod:`lora_ops.outputs` describes."""
 
 from __future__ import annotations
 
@@ -55,8 +57,9 @@ Progress = Callable[[int, int], None]
 
 
 def _spectra(source: Source, device: str) -> list[Tensor]:
-    """Singular values of every module's effective delta (descending, float64, on the CPU); batches whose
-    float32 spectrum reaches below float32 resolution are computed again in float64 (see :func:`lora_ops.batching.stacked_factors`)."""
+    """Singular values of every module's effective delta (descending, float64, on the CPU); batches whose float32
+    spectrum reaches below float32 resolution are computed again in float64
+    (see :func:`lora_ops.batching.stacked_factors`)."""
     modules = source.lora.modules
     spectra: list[Tensor] = [torch.empty(0)] * len(modules)
     batches = group_batches(modules, [0] * len(modules))
@@ -115,8 +118,9 @@ def _output_bytes_besides_factors(source: Source, options: ResizeOptions) -> int
 
 @dataclass(frozen=True)
 class Prepared:
-    """One resize, checked and ready to write: the opened input at ``src``, the output path ``dst``, and the
-    input's identity when it was opened (:func:`lora_ops.inputs.file_identity`; ``None`` for a non-file, refused on opening)."""
+    """One resize, checked and ready to write: the opened input at ``src``, the output path ``dst``, and the input's
+    identity when it was opened (:func:`lora_ops.inputs.file_identity`; ``None`` for a non-file, refused on
+    opening)."""
 
     src: Path
     dst: Path
@@ -148,7 +152,8 @@ def prepare_resize(
 
 
 def check_work(prepared: Prepared, limits: Limits, rank_out: int) -> None:
-    """Refuse, from the header, work beyond ``limits`` for new ranks up to ``rank_out`` (see :func:`lora_ops.inputs.check_limits`)."""
+    """Refuse, from the header, work beyond ``limits`` for new ranks up to ``rank_out``
+    (see :func:`lora_ops.inputs.check_limits`)."""
     check_limits(prepared.source.lora, limits, rank_out)
 
 
