@@ -310,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             # The output's provenance holds the input's sha256: hash it on the second core while torch loads.
             hash_ahead(args.inputs[0])
         if args.command == "merge":
-            for source, _ in args.inputs:
-                hash_ahead(source)
+            hash_ahead(*(source for source, _ in args.inputs))
         import torch  # only now, so that the hashing above overlaps torch's one-second import
 
         # Per layer the work is small (r x r eigenproblems, thin products): several batches of layers on

@@ -33,20 +33,24 @@ def _sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def hash_ahead(path: str | Path) -> None:
-    """Start hashing the regular file ``path`` in a daemon thread (it never holds up the process's exit)."""
-    if not os.path.isfile(path):
-        return
-    future: Future[str] = Future()
+def hash_ahead(*paths: str | Path) -> None:
+    """Start hashing the regular files among ``paths``, one after another, in one daemon thread (it never holds up
+    the process's exit): one thread leaves the other core to the main thread, where one thread per file would take
+    a share of it."""
+    files = [path for path in paths if os.path.isfile(path)]
+    futures: list[Future[str]] = [Future() for _ in files]
+    for path, future in zip(files, futures):
+        _ahead[_version(path)] = future
 
     def run() -> None:
-        try:
-            future.set_result(_sha256(path))
-        except BaseException as error:  # noqa: BLE001 - handed to whoever waits for the result
-            future.set_exception(error)
+        for path, future in zip(files, futures):
+            try:
+                future.set_result(_sha256(path))
+            except BaseException as error:  # noqa: BLE001 - handed to whoever waits for the result
+                future.set_exception(error)
 
-    _ahead[_version(path)] = future
-    threading.Thread(target=run, name="hash-ahead", daemon=True).start()
+    if files:
+        threading.Thread(target=run, name="hash-ahead", daemon=True).start()
 
 
 def file_sha256(path: str | Path) -> str:
