@@ -16,12 +16,9 @@ from torch import Tensor
 
 from . import linalg
 from .errors import LoraError
-from .files import TORCH_DTYPES
 from .layouts import LoraModule, in_natural_order
 from .options import ResizeOptions
-
-OUTPUT_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from .outputs import out_dtype
 
 # Factor bytes (at 4 bytes per value) of one batch of same-shaped modules: small enough to stay in cache.
 BATCH_BYTES = 8 * 1024**2
@@ -189,12 +186,6 @@ def resize_factors(
         rows = linalg.extension_rows(live, int(empty[index].sum()), generator=generators[index])
         down[index, empty[index]] = rows.to(dtypes[0])
     return down, up, errors
-
-
-def out_dtype(options: ResizeOptions, stored: str) -> torch.dtype:
-    """The dtype a factor stored as ``stored`` (a safetensors dtype name) is written in: ``options.dtype``'s, or
-    its own for ``keep``."""
-    return OUTPUT_DTYPES[options.dtype] or TORCH_DTYPES[stored]
 
 
 def resize_batch(

@@ -11,17 +11,24 @@ import torch
 from torch import Tensor
 
 from .atomic import same_file
-from .batching import out_dtype
 from .errors import LoraError
-from .files import TensorInfo
+from .files import TORCH_DTYPES, TensorInfo
 from .inputs import BY_ALPHA, BY_CONFIG, Source
 from .layouts import LoraModule
 from .options import ResizeOptions
 from .scales import PEFT_CONFIG_NAME
 from .writer import alpha_dtype, output_alpha
 
+# The output dtypes a resize can ask for (``ResizeOptions.dtype``); keep: each factor's own.
+OUTPUT_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Stands in the header for the source sha256 until its background hashing is done (same length).
 SHA256_PLACEHOLDER = "0" * 64
+
+
+def out_dtype(options: ResizeOptions, stored: str) -> torch.dtype:
+    """The dtype a factor stored as ``stored`` (a safetensors dtype name) is written in: ``options.dtype``'s, or
+    its own for ``keep``."""
+    return OUTPUT_DTYPES[options.dtype] or TORCH_DTYPES[stored]
 
 
 def output_alphas(

@@ -18,7 +18,6 @@ from .atomic import write_json
 from .batching import (
     group_batches,
     layer_errors,
-    out_dtype,
     read_batches,
     resize_batch,
     stacked_factors,
@@ -33,6 +32,7 @@ from .outputs import (
     SHA256_PLACEHOLDER,
     check_config_destination,
     check_destination,
+    out_dtype,
     out_scale,
     output_alphas,
     output_specs,
