@@ -176,8 +176,9 @@ def resize_factors(
     errors = linalg.relative_error(factors, rank_map, new, (down, up), thin.norm)
     width = rank_map.rank
     extra = rank - width
-    down = torch.cat([down, down.new_zeros(*down.shape[:-2], extra, down.shape[-1])], dim=-2)
-    up = torch.cat([up, up.new_zeros(*up.shape[:-1], extra)], dim=-1)
+    if extra:
+        down = torch.cat([down, down.new_zeros(*down.shape[:-2], extra, down.shape[-1])], dim=-2)
+        up = torch.cat([up, up.new_zeros(*up.shape[:-1], extra)], dim=-1)
     # directions without weight: the map's zero rows, then the added ones
     unused = (rank_map.down_map == 0).all(-1).cpu()
     empty = torch.cat([unused, torch.ones(len(generators), extra, dtype=torch.bool)], dim=1)

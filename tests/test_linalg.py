@@ -43,6 +43,26 @@ def test_factor_svd_matches_dense_svd(m, n, r):
     assert thin.norm.item() == pytest.approx((0.75 * up @ down).norm().item(), rel=1e-12)
 
 
+def test_factor_svd_from_a_cholesky_factor_only_where_certified_and_the_same_as_from_eigh():
+    down, up = _factors(64, 48, 8)
+    nearly_dependent = up.clone()
+    nearly_dependent[:, -1] = up[:, 0] * (1 + 1e-9)  # up^T up then has an eigenvalue ~1e-18 of its largest
+    alone = linalg.FactorSVD.of(linalg.Factors.of(down, up, 0.75))
+    with_dependent = linalg.FactorSVD.of(
+        linalg.Factors.of(torch.stack([down, down]), torch.stack([up, nearly_dependent]), 0.75)
+    )
+    assert alone.up_eigenvalues is None  # certified: solved from the Cholesky factor of up^T up
+    assert with_dependent.up_eigenvalues is not None  # one matrix is not: the batch is solved from eigh
+    assert int(with_dependent.ranks[1]) == 7
+    assert torch.allclose(alone.s, with_dependent.s[0], rtol=1e-12)
+    for cholesky_basis, eigh_basis in (
+        (up @ alone.left, up @ with_dependent.left[0]),
+        ((alone.right @ down).T, (with_dependent.right[0] @ down).T),
+    ):
+        signs = (cholesky_basis * eigh_basis).sum(0).sign()
+        assert torch.allclose(cholesky_basis, eigh_basis * signs, atol=1e-10)
+
+
 @pytest.mark.parametrize(("m", "n", "r"), SHAPES)
 @pytest.mark.parametrize("rank", [1, 3])
 def test_svd_is_the_dense_optimum(m, n, r, rank):
