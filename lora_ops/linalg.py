@@ -403,11 +403,6 @@ def _trace_product(x: Tensor, y: Tensor) -> Tensor:
     return (x * y.mT).sum((-2, -1))
 
 
-def _trace_product(x: Tensor, y: Tensor) -> Tensor:
-    """``trace(x @ y)`` ``[...]`` for ``x [..., a, b]`` and ``y [..., b, a]``, without the product."""
-    return (x * y.mT).sum((-2, -1))
-
-
 def relative_error(
     factors: Factors, rank_map: RankMap, new: tuple[Tensor, Tensor], written: tuple[Tensor, Tensor], norm: Tensor
 ) -> Tensor:
