@@ -44,8 +44,9 @@ def _rss_anon(pid: int) -> int | None:
     return None
 
 
-def run_process(command: list[str]) -> Run:
-    """Run ``command`` to completion, its output to a temporary file; raise with that output if it fails.
+def run_process(command: list[str], cwd: Path | None = None) -> Run:
+    """Run ``command`` to completion (in ``cwd``, else here), its output to a temporary file; raise with that output
+    if it fails.
 
     The page cache's dirty data is flushed first (``os.sync``, untimed): the kernel writes a file back after its
     writer has exited, so a run would otherwise share the disk with the write-back of the run before it."""
@@ -53,7 +54,7 @@ def run_process(command: list[str]) -> Run:
     with tempfile.TemporaryFile(mode="w+") as output:
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
         peak = 0
         while process.poll() is None:
             peak = max(peak, _rss_anon(process.pid) or 0)

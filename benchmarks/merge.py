@@ -53,6 +53,17 @@ def write_second(out_dir: Path) -> Path:
     return path
 
 
+def benchmark_inputs(data_dir: Path) -> list[Path]:
+    """The two inputs in ``data_dir``, written there first where missing."""
+    first = SYNTHETIC_FILES[FIRST].path(FIRST, data_dir)
+    if not first.exists():
+        write_workload(FIRST, data_dir)
+    second = data_dir / f"{SECOND}.safetensors"
+    if not second.exists():
+        write_second(data_dir)
+    return [first, second]
+
+
 def merge_floor(sources: list[str], destination: str, rank: int) -> None:
     """Read every tensor of every source but the first, then :func:`benchmarks.io_floor.floor_copy` the first (read all,
     write its pairs at ``rank``): the bytes a merge reads and writes, without the linear algebra."""
@@ -191,13 +202,7 @@ def main() -> None:
         return
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M %Z")
     load_before = os.getloadavg()
-    first = SYNTHETIC_FILES[FIRST].path(FIRST, args.data_dir)
-    if not first.exists():
-        write_workload(FIRST, args.data_dir)
-    second = args.data_dir / f"{SECOND}.safetensors"
-    if not second.exists():
-        write_second(args.data_dir)
-    inputs = [first, second]
+    inputs = benchmark_inputs(args.data_dir)
     with tempfile.TemporaryDirectory() as scratch:
         results = bench(inputs, args.repeats, args.dense_samples, Path(scratch))
     results.update(
