@@ -79,8 +79,18 @@ RANK_MODES = [
     ("the same rank for every layer", "rank"),
     ("per layer: keep a share of its energy", "energy"),
     ("per layer: fit a file size", "size"),
+    ("per layer: sd-scripts sv_ratio", "sv_ratio"),
+    ("per layer: sd-scripts sv_cumulative", "sv_cumulative"),
+    ("per layer: sd-scripts sv_fro", "sv_fro"),
 ]
-DEFAULT_ENERGY = 0.99
+# The value a per-layer rule's box shows when its mode is chosen: energy, then sd-scripts' --dynamic_param rules.
+RULE_DEFAULTS = {"energy": 0.99, "sv_ratio": 10.0, "sv_cumulative": 0.9, "sv_fro": 0.9}
+# sd-scripts' resize_lora.py --dynamic_method rules (lora_ops.ranks): name, box label, what it keeps per layer.
+SD_SCRIPTS_RULES = [
+    ("sv_ratio", "sv_ratio (at least 1)", "keeps singular values ≥ the largest / sv_ratio"),
+    ("sv_cumulative", "sv_cumulative (0-1]", "the fewest singular values whose sum is this share of all"),
+    ("sv_fro", "sv_fro (0-1]", "the fewest whose √(sum of squares) is this share; sv_fro² is the energy"),
+]
 DTYPE_CHOICES = [("keep the input's", "keep"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32")]
 PROGRESS = gr.Progress()  # gradio gives each request its own tracker in place of this default
 
@@ -170,6 +180,10 @@ def resize_lora(
     hub_repo: str = "",
     hub_file: str | None = None,
     config_file: str | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    sv_fro: float | None = None,
+    strength: float | None = 1.0,
     oauth_token: gr.OAuthToken | None = None,
     progress: gr.Progress = PROGRESS,
 ) -> tuple[str, dict]:
@@ -180,7 +194,9 @@ def resize_lora(
     `density`, `energy` and `target_size` left blank (None, 0 or "") mean the default and off. Whole numbers
     (`rank`, `niter`, `seed`) must be whole: nothing is rounded. `config_file`: the PEFT `adapter_config.json` of
     an uploaded PEFT adapter (a Hub file's is found beside it); the resized adapter's new config is written beside
-    the result and named in `report["output"]["config"]`.
+    the result and named in `report["output"]["config"]`. `sv_ratio`, `sv_cumulative`, `sv_fro`: sd-scripts'
+    per-layer rank rules by their `resize_lora.py --dynamic_method` names (at most one rule, `energy` included;
+    `rank` caps them); `strength`: the weight you would load the LoRA at, baked into the result (1 or blank: none).
     """
     options = form.resize_options(
         rank=rank,
@@ -191,6 +207,10 @@ def resize_lora(
         energy=energy,
         target_size=target_size,
         dtype=dtype,
+        sv_ratio=sv_ratio,
+        sv_cumulative=sv_cumulative,
+        sv_fro=sv_fro,
+        strength=strength,
     )
     work = _request_dir()
     try:
@@ -464,11 +484,17 @@ def show_method_controls(method: str) -> tuple:
 
 def show_rank_mode(mode: str) -> tuple:
     """One budget at a time: the box of the chosen mode, shown with its default, the others hidden and blank, so no
-    value is kept meaning something else."""
+    value is kept meaning something else. Updates the energy box, the size box, the rank box and the sd-scripts
+    rules' boxes, in that order."""
+
+    def rule_box(name: str) -> dict:
+        return gr.update(visible=mode == name, value=RULE_DEFAULTS[name] if mode == name else None)
+
     return (
-        gr.update(visible=mode == "energy", value=DEFAULT_ENERGY if mode == "energy" else None),
+        rule_box("energy"),
         gr.update(visible=mode == "size", value=""),
         gr.update(label="rank" if mode == "rank" else "rank (the most any layer gets)"),
+        *(rule_box(name) for name, _, _ in SD_SCRIPTS_RULES),
     )
 
 
@@ -611,10 +637,12 @@ class ResizePanel:
     mode: gr.Radio
     energy: gr.Number
     target_size: gr.Textbox
+    rules: dict[str, gr.Number]
     niter: gr.Number
     density: gr.Number
     seed: gr.Number
     dtype: gr.Radio
+    strength: gr.Number
     button: gr.Button
     status: gr.Markdown
     resized_file: gr.File
@@ -650,10 +678,21 @@ def resize_panel() -> ResizePanel:
             elem_id="energy",
         )
         target_size = gr.Textbox("", label="target size", placeholder="e.g. 40MB", visible=False, elem_id="size")
+        rules = {
+            name: gr.Number(None, label=label, info=info, visible=False, elem_id=name.replace("_", "-"))
+            for name, label, info in SD_SCRIPTS_RULES
+        }
         niter = gr.Number(2, label="niter (power iterations, 0-50)", step=1, visible=False)
         density = gr.Number(None, label="density", info="share of non-zero entries; blank: 1/√rank", visible=False)
         seed = gr.Number(0, label="seed", step=1, visible=False)
-    dtype = gr.Radio(DTYPE_CHOICES, value="keep", label="output dtype")
+    with gr.Row():
+        dtype = gr.Radio(DTYPE_CHOICES, value="keep", label="output dtype")
+        strength = gr.Number(
+            1,
+            label="strength baked in",
+            info="the weight you would load it at: the result at 1 is the input at this weight",
+            elem_id="strength",
+        )
     button = gr.Button("Resize", variant="primary", elem_id="resize-button")
     status = _shown_text("resize-status")
     with gr.Row():
@@ -673,10 +712,12 @@ def resize_panel() -> ResizePanel:
         mode,
         energy,
         target_size,
+        rules,
         niter,
         density,
         seed,
         dtype,
+        strength,
         button,
         status,
         resized_file,
@@ -956,6 +997,8 @@ def _wire(
         source.hub_repo,
         source.hub_file,
         source.config_file,
+        *resize.rules.values(),
+        resize.strength,
     ]
     preview_inputs = [
         source.lora_file,
@@ -1029,7 +1072,9 @@ def _wire(
         **INSTANT,
     )
     resize.rank.change(plots.methods_at_rank, [resize.methods_table, resize.rank], resize.methods_table, **INSTANT)
-    resize.mode.change(show_rank_mode, resize.mode, [resize.energy, resize.target_size, resize.rank], **INSTANT)
+    resize.mode.change(
+        show_rank_mode, resize.mode, [resize.energy, resize.target_size, resize.rank, *resize.rules.values()], **INSTANT
+    )
     resize.method.change(show_method_controls, resize.method, [resize.niter, resize.density, resize.seed], **INSTANT)
 
     resize.button.click(

@@ -65,11 +65,16 @@ def resize_options(
     energy: object,
     target_size: object,
     dtype: object,
+    sv_ratio: object = None,
+    sv_cumulative: object = None,
+    sv_fro: object = None,
+    strength: object = 1.0,
 ) -> ResizeOptions:
     """`ResizeOptions` from the resize form's raw values (the `/resize` endpoint's parameters).
 
-    ``density``, ``energy`` and ``target_size`` may be blank (off or default); the rest are required.
-    Raises `LoraError` naming the first wrong field.
+    ``density``, ``energy``, ``target_size`` and sd-scripts' rank rules ``sv_ratio``, ``sv_cumulative`` and
+    ``sv_fro`` may be blank (off or default), and ``strength`` None or ``""`` (1: none baked in; 0 is refused, as a
+    strength that removes the LoRA); the rest are required. Raises `LoraError` naming the first wrong field.
     """
     for value, name in ((method, "method"), (dtype, "dtype")):
         if not isinstance(value, str):
@@ -81,8 +86,12 @@ def resize_options(
         density=optional_number(density, "density"),
         seed=whole_number(seed, "seed", 0, SEED_LIMIT - 1),
         energy=optional_number(energy, "energy"),
+        sv_ratio=optional_number(sv_ratio, "sv_ratio"),
+        sv_cumulative=optional_number(sv_cumulative, "sv_cumulative"),
+        sv_fro=optional_number(sv_fro, "sv_fro"),
         target_size=optional_size(target_size),
         dtype=dtype,
+        strength=1.0 if strength is None or strength == "" else number(strength, "strength"),
     )
 
 

@@ -20,7 +20,9 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import QueueError
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+import lora_ops
 from tests.fixtures_app import EXAMPLE_LORA, GATED_READER_TOKEN, GATED_REPO, LICENSE, PUBLIC_REPO
 from tests.fixtures_lora import CASE_BY_NAME, write_case
 
@@ -59,7 +61,10 @@ def test_public_api_names_and_parameters(app_client):
     assert [p["parameter_name"] for p in endpoints["/inspect"]["parameters"]] == ["lora_file", "config_file"]
     resize = [p["parameter_name"] for p in endpoints["/resize"]["parameters"]]
     assert resize[: len(RESIZE_PARAMETERS)] == RESIZE_PARAMETERS
-    assert resize[len(RESIZE_PARAMETERS) :] == ["target_size", "dtype", "hub_repo", "hub_file", "config_file"]
+    added = ["sv_ratio", "sv_cumulative", "sv_fro", "strength"]  # after the earlier ones: added, nothing renamed
+    assert resize[len(RESIZE_PARAMETERS) :] == ["target_size", "dtype", "hub_repo", "hub_file", "config_file", *added]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in endpoints["/resize"]["parameters"]}
+    assert [defaults[name] for name in added] == [None, None, None, 1.0]
     preview = [p["parameter_name"] for p in endpoints["/preview"]["parameters"]]
     assert preview == [*PREVIEW_PARAMETERS, "include_base"]
     push = [p["parameter_name"] for p in endpoints["/push"]["parameters"]]
@@ -141,6 +146,21 @@ def test_resize_options_reach_the_core(app_client):
     assert _ranks(path) == {int(rank) for rank in dynamic["rank_out"]}
 
 
+@pytest.mark.parametrize(("rule", "value"), [("sv_ratio", 4.0), ("sv_cumulative", 0.8), ("sv_fro", 0.9)])
+def test_sd_scripts_rules_and_a_strength_reach_the_core(app_client, tmp_path, rule, value):
+    """sd-scripts' rank rules and a baked-in strength, sent to /resize by name, give the ranks, parameters and factors
+    that `lora_ops.resize_file` gives with the same options."""
+    path, report = app_client.predict(
+        lora_file=handle_file(str(EXAMPLE_LORA)), rank=8, strength=0.7, api_name="/resize", **{rule: value}
+    )
+    options = lora_ops.ResizeOptions(rank=8, strength=0.7, **{rule: value})
+    expected = lora_ops.resize_file(EXAMPLE_LORA, tmp_path / "core.safetensors", options)
+    assert report["params"] == expected["params"] == {"rank": 8, "dtype": "keep", rule: value, "strength": 0.7}
+    assert report["rank_out"] == expected["rank_out"] != {"8": 20}
+    ours, core = load_file(path), load_file(tmp_path / "core.safetensors")
+    assert ours.keys() == core.keys() and all(torch.equal(ours[key], core[key]) for key in core)
+
+
 def _progress(job, unit: str) -> list[tuple[int, int]]:
     """(done, total) of every `gr.Progress` update in `unit` that reached the client, in order."""
 
@@ -199,6 +219,9 @@ def test_bad_input_gets_one_line_and_the_server_stays_healthy(app_client, app_mo
         ({"rank": 3000}, "rank must be between 1 and 2048"),
         ({"energy": "abc"}, "energy must be a number, got 'abc'"),
         ({"method": "randomized_svd", "niter": 1.5}, "niter must be a whole number"),
+        ({"sv_ratio": 0.5}, "sv_ratio must be a finite number of at least 1"),
+        ({"energy": 0.9, "sv_fro": 0.9}, "give one rank rule at most, not energy, sv_fro"),
+        ({"strength": 0}, "strength must be a finite, non-zero number"),
     ],
 )
 def test_bad_parameters_are_named_in_one_line_before_anything_is_written(

@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import lora_ops
 from lora_ops.synthetic import flux_shapes, make_lora
 from tests.fixtures_app import EXAMPLE_LORA
 
@@ -294,15 +296,22 @@ def test_long_trainer_metadata_starts_collapsed(page, tmp_path):
     expect(page.locator("#metadata-table")).to_contain_text("ss_field_189")
 
 
+def _example_with_rank_mode(page: Page, mode: str, elem_id: str, default: str) -> Locator:
+    """Load the example and choose the rank mode labelled ``mode``: its number box (``elem_id``) is hidden before and
+    shows ``default`` after. Returns the box."""
+    _upload(page, EXAMPLE_LORA)
+    expect(page.locator("#inspect-summary")).to_contain_text("rank 8")
+    box = page.locator(f"#{elem_id} input[type=number]")
+    expect(box).to_be_hidden()
+    page.get_by_label(mode).check()
+    expect(box).to_have_value(default)
+    return box
+
+
 def test_one_budget_with_one_meaning_shown_where_it_acts(page):
     """Issue 12.9: the energy that drives the resize is the only budget; it is visible only in its mode, never
     kept meaning something else, explained, and a wrong value is a sentence, not an error badge."""
-    _upload(page, EXAMPLE_LORA)
-    expect(page.locator("#inspect-summary")).to_contain_text("rank 8")
-    energy = page.locator("#energy input[type=number]")
-    expect(energy).to_be_hidden()
-    page.get_by_label("per layer: keep a share of its energy").check()
-    expect(energy).to_have_value("0.99")
+    energy = _example_with_rank_mode(page, "per layer: keep a share of its energy", "energy", "0.99")
     expect(page.locator("#budget-summary")).to_contain_text("at most √(1−E) = √(1−0.99) = 10.00 %")
     _set_number(page, "energy", 1.5)
     expect(page.locator("#budget-summary")).to_contain_text("energy must be between 0 and 1")
@@ -311,6 +320,30 @@ def test_one_budget_with_one_meaning_shown_where_it_acts(page):
     expect(energy).to_be_hidden()
     page.get_by_label("per layer: keep a share of its energy").check()
     expect(energy).to_have_value("0.99")  # a fresh default, not the 1.5 typed before
+
+
+def test_an_sd_scripts_rule_and_a_strength_chosen_in_the_page_give_the_librarys_file(page, tmp_path):
+    """sd-scripts' rank rules are modes of the same one-budget control, each with its own box and default; with a
+    strength, the downloaded file is the one `lora_ops.resize_file` writes with those options."""
+    cumulative = _example_with_rank_mode(page, "per layer: sd-scripts sv_cumulative", "sv-cumulative", "0.9")
+    expect(page.locator("#energy input[type=number]")).to_be_hidden()
+    expect(page.locator("#sv-ratio input[type=number]")).to_be_hidden()
+    _set_number(page, "rank", 8)
+    _set_number(page, "sv-cumulative", 0.8)
+    _set_number(page, "strength", 0.7)
+    _resize(page)
+    expect(page.locator("#resized-file a[download]")).to_have_attribute(
+        "download", "example-flux-lora-svd-sv_cumulative0.8-rank8-strength0.7.safetensors"
+    )
+    downloaded = _download(page, tmp_path)
+    options = lora_ops.ResizeOptions(rank=8, sv_cumulative=0.8, strength=0.7)
+    lora_ops.resize_file(EXAMPLE_LORA, tmp_path / "core.safetensors", options)
+    ours, core = load_file(downloaded), load_file(tmp_path / "core.safetensors")
+    assert ours.keys() == core.keys() and all(torch.equal(ours[key], core[key]) for key in core)
+    assert _rank_of(downloaded) == {3}  # the rule's rank, below the cap of 8
+    page.get_by_label("per layer: sd-scripts sv_ratio").check()
+    expect(cumulative).to_be_hidden()
+    expect(page.locator("#sv-ratio input[type=number]")).to_have_value("10")
 
 
 def test_the_method_table_names_its_rank_and_is_cleared_when_the_rank_changes(page):

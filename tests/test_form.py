@@ -28,8 +28,22 @@ def test_good_values_become_the_options_unchanged():
 
 @pytest.mark.parametrize("blank", [None, "", 0, 0.0])
 def test_blank_optional_values_mean_off(blank):
-    options = form.resize_options(**{**GOOD, "density": blank, "energy": blank})
-    assert options.density is None and options.energy is None
+    rules = {"energy": blank, "sv_ratio": blank, "sv_cumulative": blank, "sv_fro": blank}
+    options = form.resize_options(**{**GOOD, "density": blank, **rules})
+    assert options.density is None and options.rank_rule is None
+
+
+@pytest.mark.parametrize(
+    ("rule", "value"), [("sv_ratio", 4), ("sv_cumulative", 0.9), ("sv_fro", 0.95), ("energy", 0.99)]
+)
+def test_sd_scripts_rules_and_strength_reach_the_options(rule, value):
+    options = form.resize_options(**{**GOOD, rule: value}, strength=0.7)
+    assert options.rank_rule == (rule, value) and options.rank == 4 and options.strength == 0.7
+
+
+@pytest.mark.parametrize("blank", [None, ""])
+def test_a_blank_strength_bakes_nothing_in(blank):
+    assert form.resize_options(**GOOD, strength=blank).strength == 1.0
 
 
 @pytest.mark.parametrize(
@@ -53,6 +67,12 @@ def test_blank_optional_values_mean_off(blank):
         ("target_size", "forty", "cannot read size 'forty'"),
         ("method", None, "method must be text, got None"),
         ("dtype", 16, "dtype must be text, got 16"),
+        ("sv_ratio", 0.5, "sv_ratio must be a finite number of at least 1"),
+        ("sv_cumulative", 1.5, "sv_cumulative must be in (0, 1]"),
+        ("sv_fro", "0.9", "sv_fro must be a number, got '0.9'"),
+        ("strength", 0, "strength must be a finite, non-zero number"),
+        ("strength", "abc", "strength must be a number, got 'abc'"),
+        ("strength", math.inf, "strength must be a finite number"),
     ],
 )
 def test_each_wrong_value_is_named_in_one_line(field, value, message):
