@@ -196,7 +196,8 @@ def resize_lora(
     an uploaded PEFT adapter (a Hub file's is found beside it); the resized adapter's new config is written beside
     the result and named in `report["output"]["config"]`. `sv_ratio`, `sv_cumulative`, `sv_fro`: sd-scripts'
     per-layer rank rules by their `resize_lora.py --dynamic_method` names (at most one rule, `energy` included;
-    `rank` caps them); `strength`: the weight you would load the LoRA at, baked into the result (1 or blank: none).
+    `rank` caps them); `strength`: the weight you would load the LoRA at, baked into the result (1, None or "":
+    none; 0 is refused).
     """
     options = form.resize_options(
         rank=rank,
