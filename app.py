@@ -446,14 +446,21 @@ def show_inspection(report: dict | None) -> tuple:
     return summary, warnings, metadata, metadata_table, report or None, None, None, "", None, None
 
 
-def show_plot(report: dict | None, result: dict | None, rank: object, mode: str, energy: object) -> tuple:
-    """The spectra and error-vs-rank figure with the chosen rank (and energy bound), and what they mean."""
+def show_plot(
+    report: dict | None, result: dict | None, rank: object, mode: str, energy: object, *sd_scripts_values: object
+) -> tuple:
+    """The spectra and error-vs-rank figure with the chosen rank (and energy bound), and what they mean (with the
+    ranks an sd-scripts rule picks in its mode; `sd_scripts_values` are its boxes' values, in SD_SCRIPTS_RULES
+    order)."""
     if not report:
         return None, ""
+    values = dict(zip((name for name, _, _ in SD_SCRIPTS_RULES), sd_scripts_values))
     try:
         chosen = form.whole_number(rank, "rank", 1, lora_ops.options.MAX_RANK)
+        rule_value = form.optional_number(values[mode], mode) if mode in values else None
     except lora_ops.LoraError as exc:
         return gr.skip(), page_text.error_markdown(str(exc))
+    sd_scripts_rule = None if rule_value is None else (mode, rule_value)
     bound = energy if mode == "energy" else None
     figure = plots.spectra_figure(report, chosen_rank=chosen, energy=bound, result=result)
     described = DescribedPlot(
@@ -461,7 +468,7 @@ def show_plot(report: dict | None, result: dict | None, rank: object, mode: str,
         plot=processing_utils.encode_plot_to_base64(figure, PLOT_FORMAT),
         chart=plots.spectra_alt_text(report, chosen, bound, result),
     )
-    return described, plots.budget_markdown(report, chosen, bound)
+    return described, plots.budget_markdown(report, chosen, bound, sd_scripts_rule)
 
 
 class DescribedPlot(PlotData):
@@ -1029,7 +1036,7 @@ def _wire(
 
     # A new source (upload, example, Hub file, PEFT config) -> its inspect report -> summary, warnings, metadata,
     # plot; the previous result is cleared. Triggered by the file's own change, so a failed Hub load changes nothing.
-    plot_inputs = [inspected, result, resize.rank, resize.mode, resize.energy]
+    plot_inputs = [inspected, result, resize.rank, resize.mode, resize.energy, *resize.rules.values()]
     inspection_outputs = [
         source.summary,
         source.warnings,
@@ -1065,7 +1072,7 @@ def _wire(
 
     # The chosen rank and budget redraw the plot; the method table's numbers belong to the rank they were made at.
     gr.on(
-        [resize.rank.change, resize.mode.change, resize.energy.change],
+        [resize.rank.change, resize.mode.change, resize.energy.change, *(box.change for box in resize.rules.values())],
         show_plot,
         plot_inputs,
         [layers.plot, layers.budget],

@@ -30,10 +30,11 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from lora_ops.errors import LoraError
 from lora_ops.layouts import natural_key
 from lora_ops.options import MAX_RANK, METHODS, ResizeOptions
 from lora_ops.page_text import code_span, escape_markdown, percent, plot_text, seconds, size, table_cell
-from lora_ops.ranks import energy_rank
+from lora_ops.ranks import RANK_RULES
 from lora_ops.resize import resize_file
 
 METADATA_VALUE_LIMIT = 120  # characters of a metadata value shown in the table
@@ -156,36 +157,61 @@ def energy_error_bound(energy: object) -> float | None:
     return math.sqrt(1 - energy)
 
 
-def energy_ranks(report: dict, energy: float, cap: int) -> list[int]:
-    """Each layer's rank under the energy rule (`lora_ops.ranks.energy_rank`, the one `resize_file` applies),
-    capped at `cap`, in the order of `report["layers"]`."""
+def rule_ranks(report: dict, rule: str, value: float, cap: int) -> list[int]:
+    """Each layer's rank under the rank rule `rule` (a `lora_ops.ranks.RANK_RULES` name: energy or one of
+    sd-scripts' sv_ratio, sv_cumulative, sv_fro) at `value`, the rule `resize_file` applies, capped at `cap`, in the
+    order of `report["layers"]`."""
     return [
-        min(cap, energy_rank(torch.tensor(layer["singular_values"], dtype=torch.float64), energy))
+        min(cap, RANK_RULES[rule](torch.tensor(layer["singular_values"], dtype=torch.float64), value))
         for layer in report["layers"]
     ]
 
 
-def budget_markdown(report: dict, rank: int, energy: float | None = None) -> str:
-    """What exact SVD keeps at `rank` (worst layer, median, whole file), and with `energy` what that budget means:
-    the error bound `sqrt(1 - energy)` it guarantees and the per-layer ranks it picks, capped at `rank`.
+def energy_ranks(report: dict, energy: float, cap: int) -> list[int]:
+    """:func:`rule_ranks` of the energy rule."""
+    return rule_ranks(report, "energy", energy, cap)
 
-    Never raises: a rank outside 1..`MAX_RANK` or an energy outside (0, 1] gives a one-line plain message.
+
+def _picked_sentence(picked: list[int], rank: int) -> str:
+    """``rank k × n layers, …``: the ranks a rule picks, capped at ``rank``."""
+    capped = Counter(min(rank, k) for k in picked)
+    return ", ".join(f"rank {k} × {n} layer{'s' * (n != 1)}" for k, n in sorted(capped.items()))
+
+
+def budget_markdown(
+    report: dict, rank: int, energy: float | None = None, sd_scripts_rule: tuple[str, float] | None = None
+) -> str:
+    """What exact SVD keeps at `rank` (worst layer, median, whole file), and with `energy` what that budget means:
+    the error bound `sqrt(1 - energy)` it guarantees and the per-layer ranks it picks, capped at `rank`. With
+    `sd_scripts_rule` (`(name, value)`, name sv_ratio, sv_cumulative or sv_fro), the per-layer ranks that rule
+    picks, capped at `rank`.
+
+    Never raises: a rank outside 1..`MAX_RANK`, an energy outside (0, 1] or a rule value its rule refuses gives a
+    one-line plain message.
     """
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= MAX_RANK:
         return f"rank must be a whole number between 1 and {MAX_RANK}, got {_shown(rank)}"
     bound = energy_error_bound(energy)
     if energy is not None and bound is None:
         return ENERGY_MESSAGE.format(value=_shown(energy))
+    if sd_scripts_rule is not None:
+        name, value = sd_scripts_rule
+        try:
+            ResizeOptions(rank=rank, **{name: value})
+        except LoraError as error:
+            return escape_markdown(str(error))
     curves = _curves_up_to(report, rank)
     lines = [_rank_sentence(curves, rank, markdown=True)]
+    if sd_scripts_rule is not None:
+        picked = rule_ranks(report, name, value, MAX_RANK)
+        lines.append(f"sd-scripts' {name} {value:g} picks, capped at {rank}: {_picked_sentence(picked, rank)}.")
     if bound is not None:
         picked = energy_ranks(report, energy, MAX_RANK)
-        capped = [min(rank, k) for k in picked]
         over = sum(k > rank for k in picked)
         lines.append(
             f"Keeping {percent(energy)} of each layer's energy (squared norm) means a relative error of at most"
             f" √(1−E) = √(1−{energy:g}) = **{percent(bound)}** per layer. The ranks it picks, capped at {rank}: "
-            + ", ".join(f"rank {k} × {n} layer{'s' * (n != 1)}" for k, n in sorted(Counter(capped).items()))
+            + _picked_sentence(picked, rank)
             + "."
         )
         if over:

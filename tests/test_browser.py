@@ -330,6 +330,7 @@ def test_an_sd_scripts_rule_and_a_strength_chosen_in_the_page_give_the_librarys_
     expect(page.locator("#sv-ratio input[type=number]")).to_be_hidden()
     _set_number(page, "rank", 8)
     _set_number(page, "sv-cumulative", 0.8)
+    expect(page.locator("#budget-summary")).to_contain_text("sv_cumulative 0.8 picks, capped at 8: rank 3 × 20 layers")
     _set_number(page, "strength", 0.7)
     _resize(page)
     expect(page.locator("#resized-file a[download]")).to_have_attribute(

@@ -125,6 +125,24 @@ def test_budget_markdown_never_raises_for_a_bad_energy(energy):
     )
 
 
+def test_budget_markdown_with_an_sd_scripts_rule_names_the_ranks_it_picks():
+    # sv_ratio 2: layer a keeps s >= 1.5 (3, 2), layer b s >= 2 (4); sv_cumulative 0.8: a needs 5/6 of 6, b 4/4.
+    ratio = plots.budget_markdown({"layers": LAYERS}, 3, sd_scripts_rule=("sv_ratio", 2.0))
+    assert ratio.endswith("sd-scripts' sv_ratio 2 picks, capped at 3: rank 1 × 1 layer, rank 2 × 1 layer.")
+    capped = plots.budget_markdown({"layers": LAYERS}, 1, sd_scripts_rule=("sv_cumulative", 0.8))
+    assert capped.endswith("sd-scripts' sv_cumulative 0.8 picks, capped at 1: rank 1 × 2 layers.")
+    refused = plots.budget_markdown({"layers": LAYERS}, 3, sd_scripts_rule=("sv_fro", 1.5))
+    assert refused == page_text.escape_markdown("sv_fro must be in (0, 1]")  # a one-line message, as shown in the page
+
+
+@pytest.mark.parametrize(("rule", "value"), [("sv_ratio", 3.0), ("sv_cumulative", 0.7), ("sv_fro", 0.95)])
+def test_sd_scripts_rule_ranks_are_the_ranks_resize_picks(fp32_lora, tmp_path, rule, value):
+    inspected = lora_ops.inspect_file(fp32_lora)
+    options = lora_ops.ResizeOptions(rank=5, **{rule: value})
+    result = lora_ops.resize_file(fp32_lora, tmp_path / "out.safetensors", options)
+    assert plots.rule_ranks(inspected, rule, value, 5) == [layer["rank_out"] for layer in result["layers"]]
+
+
 def test_budget_markdown_never_raises_for_a_bad_rank():
     for rank in (0, 2049, 2.5):
         assert plots.budget_markdown({"layers": LAYERS}, rank).startswith("rank must be a whole number between 1")
