@@ -14,6 +14,8 @@ import spaces  # noqa: F401  (first: on ZeroGPU it patches torch before anything
 # isort: split
 
 import functools
+import inspect
+import json
 import os
 import shutil
 import threading
@@ -85,12 +87,29 @@ RANK_MODES = [
 ]
 # The value a per-layer rule's box shows when its mode is chosen: energy, then sd-scripts' --dynamic_param rules.
 RULE_DEFAULTS = {"energy": 0.99, "sv_ratio": 10.0, "sv_cumulative": 0.9, "sv_fro": 0.9}
+# The resize_lora parameter each ranks mode reads (none for "rank"): the page passes only the chosen mode's on.
+MODE_FIELDS = {
+    "energy": "energy",
+    "size": "target_size",
+    "sv_ratio": "sv_ratio",
+    "sv_cumulative": "sv_cumulative",
+    "sv_fro": "sv_fro",
+}
 # sd-scripts' resize_lora.py --dynamic_method rules (lora_ops.ranks): name, box label, what it keeps per layer.
 SD_SCRIPTS_RULES = [
     ("sv_ratio", "sv_ratio (at least 1)", "keeps singular values ≥ the largest / sv_ratio"),
     ("sv_cumulative", "sv_cumulative (0-1]", "the fewest singular values whose sum is this share of all"),
     ("sv_fro", "sv_fro (0-1]", "the fewest whose √(sum of squares) is this share; sv_fro² is the energy"),
 ]
+# Run in the browser when the ranks mode changes, before anything else can happen: the chosen mode's box gets its
+# default, every other budget box is blanked, so no value is kept meaning something else. Done there rather than by
+# the server, whose answer would overwrite a value typed while it travels. Returns the energy box, the size box and
+# the sd-scripts rules' boxes, in that order.
+BUDGET_BOXES = ["energy", "size", *(name for name, _, _ in SD_SCRIPTS_RULES)]
+RESET_BUDGETS_JS = (
+    f"(mode) => {json.dumps(BUDGET_BOXES)}.map((box) =>"
+    f" box === 'size' ? '' : box === mode ? {json.dumps(RULE_DEFAULTS)}[box] : null)"
+)
 DTYPE_CHOICES = [("keep the input's", "keep"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32")]
 PROGRESS = gr.Progress()  # gradio gives each request its own tracker in place of this default
 
@@ -408,12 +427,30 @@ def load_hub_file(hub_repo: str, hub_file: str | None, oauth_token: gr.OAuthToke
 
 
 @functools.wraps(resize_lora)
-def resize_for_page(*args, **kwargs) -> tuple[str, dict, dict]:
-    """`resize_lora`, and the resized PEFT adapter's new `adapter_config.json` (offered beside the LoRA) when it
-    wrote one."""
-    path, report = resize_lora(*args, **kwargs)
+def resize_for_page(mode: str, *args, **kwargs) -> tuple[str, dict, dict]:
+    """`resize_lora` of the form's values for the ranks `mode` chosen (the other modes' boxes keep their defaults
+    while hidden, and are not passed on; the chosen mode's box must not be blank), and the resized PEFT adapter's new
+    `adapter_config.json` (offered beside the LoRA) when it wrote one."""
+    bound = inspect.signature(resize_lora).bind_partial(*args, **kwargs)
+    for field_mode, field in MODE_FIELDS.items():
+        value = bound.arguments.get(field)
+        if field_mode != mode:
+            bound.arguments[field] = "" if field == "target_size" else None
+        elif value is None or value == "":
+            raise lora_ops.LoraError(f"give a value for {field.replace('_', ' ')}, or choose another way to pick ranks")
+    path, report = resize_lora(*bound.args, **bound.kwargs)
     config = Path(path).parent / hub.PEFT_CONFIG_NAME if report["output"]["config"] else None
     return path, report, gr.update(value=str(config) if config else None, visible=config is not None)
+
+
+# gradio passes the visitor's OAuth token and a progress tracker by their places in the signature it reads: that of
+# resize_lora, after the page's mode.
+resize_for_page.__signature__ = inspect.signature(resize_lora).replace(
+    parameters=[
+        inspect.Parameter("mode", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+        *inspect.signature(resize_lora).parameters.values(),
+    ]
+)
 
 
 def inspect_source(lora_file: str | None, config_file: str | None) -> dict | None:
@@ -491,18 +528,14 @@ def show_method_controls(method: str) -> tuple:
 
 
 def show_rank_mode(mode: str) -> tuple:
-    """One budget at a time: the box of the chosen mode, shown with its default, the others hidden and blank, so no
-    value is kept meaning something else. Updates the energy box, the size box, the rank box and the sd-scripts
-    rules' boxes, in that order."""
-
-    def rule_box(name: str) -> dict:
-        return gr.update(visible=mode == name, value=RULE_DEFAULTS[name] if mode == name else None)
-
+    """One budget at a time: the box of the chosen mode shown, the others hidden. Updates the energy box, the size
+    box, the rank box and the sd-scripts rules' boxes, in that order. No values: :data:`RESET_BUDGETS_JS` sets
+    those in the browser, at the click."""
     return (
-        rule_box("energy"),
-        gr.update(visible=mode == "size", value=""),
+        gr.update(visible=mode == "energy"),
+        gr.update(visible=mode == "size"),
         gr.update(label="rank" if mode == "rank" else "rank (the most any layer gets)"),
-        *(rule_box(name) for name, _, _ in SD_SCRIPTS_RULES),
+        *(gr.update(visible=mode == name) for name, _, _ in SD_SCRIPTS_RULES),
     )
 
 
@@ -1080,6 +1113,8 @@ def _wire(
         **INSTANT,
     )
     resize.rank.change(plots.methods_at_rank, [resize.methods_table, resize.rank], resize.methods_table, **INSTANT)
+    budget_boxes = [resize.energy, resize.target_size, *resize.rules.values()]
+    resize.mode.change(None, resize.mode, budget_boxes, js=RESET_BUDGETS_JS, **INSTANT)
     resize.mode.change(
         show_rank_mode, resize.mode, [resize.energy, resize.target_size, resize.rank, *resize.rules.values()], **INSTANT
     )
@@ -1087,7 +1122,7 @@ def _wire(
 
     resize.button.click(
         _status_line(resize_for_page, 3),
-        resize_inputs,
+        [resize.mode, *resize_inputs],
         [resize.status, resize.resized_file, result, resize.config_out],
         **PAGE,
         **CPU_WORK,

@@ -46,6 +46,12 @@ def optional_number(value: object, name: str) -> float | None:
     return number(value, name)
 
 
+def _number_or_none(value: object, name: str) -> float | None:
+    """A number, or None for None and ``""``; unlike `optional_number`, 0 is a value (the rules that came with the
+    sd-scripts modes refuse it in one line rather than turn off)."""
+    return None if value is None or value == "" else number(value, name)
+
+
 def optional_size(value: object, name: str = "target size") -> int | None:
     """Bytes of a size such as ``"40MB"`` (see `lora_ops.parse_size`), or None for blank or None."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -72,13 +78,15 @@ def resize_options(
 ) -> ResizeOptions:
     """`ResizeOptions` from the resize form's raw values (the `/resize` endpoint's parameters).
 
-    ``density``, ``energy``, ``target_size`` and sd-scripts' rank rules ``sv_ratio``, ``sv_cumulative`` and
-    ``sv_fro`` may be blank (off or default), and ``strength`` None or ``""`` (1: none baked in; 0 is refused, as a
-    strength that removes the LoRA); the rest are required. Raises `LoraError` naming the first wrong field.
+    ``density``, ``energy`` and ``target_size`` may be blank (off or default: None, ``""`` or 0), sd-scripts' rank
+    rules ``sv_ratio``, ``sv_cumulative`` and ``sv_fro`` None or ``""`` (off; 0 is a value, which they refuse), and
+    ``strength`` None or ``""`` (1: none baked in; 0 is refused); the rest are required. Raises `LoraError` naming
+    the first wrong field.
     """
     for value, name in ((method, "method"), (dtype, "dtype")):
         if not isinstance(value, str):
             raise LoraError(f"{name} must be text, got {value!r}")
+    baked = _number_or_none(strength, "strength")
     return ResizeOptions(
         rank=whole_number(rank, "rank"),
         method=method,
@@ -86,12 +94,12 @@ def resize_options(
         density=optional_number(density, "density"),
         seed=whole_number(seed, "seed", 0, SEED_LIMIT - 1),
         energy=optional_number(energy, "energy"),
-        sv_ratio=optional_number(sv_ratio, "sv_ratio"),
-        sv_cumulative=optional_number(sv_cumulative, "sv_cumulative"),
-        sv_fro=optional_number(sv_fro, "sv_fro"),
+        sv_ratio=_number_or_none(sv_ratio, "sv_ratio"),
+        sv_cumulative=_number_or_none(sv_cumulative, "sv_cumulative"),
+        sv_fro=_number_or_none(sv_fro, "sv_fro"),
         target_size=optional_size(target_size),
         dtype=dtype,
-        strength=1.0 if strength is None or strength == "" else number(strength, "strength"),
+        strength=1.0 if baked is None else baked,
     )
 
 

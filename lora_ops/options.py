@@ -11,6 +11,10 @@ from .errors import LoraError
 METHODS = ("svd", "randomized_svd", "random_projection", "sparse_random_projection")
 OUTPUT_DTYPE_NAMES = ("keep", "fp32", "fp16", "bf16")
 MAX_RANK = 2048
+# The size a strength may have (ResizeOptions.strength): far beyond any weight a LoRA is loaded at, and well inside
+# what the float64 products of a delta's factors and their bf16 storage hold (a strength of 1e160 overflowed them,
+# 1e-100 underflowed every factor to zero).
+STRENGTH_LIMITS = (1e-6, 1e6)
 # Smallest share of non-zero entries of a sparse random projection (see ResizeOptions.density).
 MIN_DENSITY = 1e-6
 
@@ -90,8 +94,9 @@ class ResizeOptions:
             ),
             (self.target_size is None or self.target_size > 0, "target size must be positive"),
             (
-                math.isfinite(self.strength) and self.strength != 0,
-                f"strength must be a finite, non-zero number, not {self.strength!r}",
+                STRENGTH_LIMITS[0] <= abs(self.strength) <= STRENGTH_LIMITS[1],
+                f"strength must be a finite, non-zero number from {STRENGTH_LIMITS[0]:g} to {STRENGTH_LIMITS[1]:g}"
+                f" in size (negative flips the delta), not {self.strength!r}",
             ),
             (self.dtype in OUTPUT_DTYPE_NAMES, f"dtype must be one of {', '.join(OUTPUT_DTYPE_NAMES)}"),
             (self.device in ("cpu", "cuda"), "device must be cpu or cuda"),

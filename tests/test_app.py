@@ -161,6 +161,29 @@ def test_sd_scripts_rules_and_a_strength_reach_the_core(app_client, tmp_path, ru
     assert ours.keys() == core.keys() and all(torch.equal(ours[key], core[key]) for key in core)
 
 
+def test_switching_the_ranks_mode_on_the_server_sends_no_values(app_module):
+    """The server only shows and hides the budget boxes: their values are set in the browser at the click
+    (`RESET_BUDGETS_JS`, checked in the browser tests), so a value typed while the server's answer travels is kept."""
+    boxes = ["energy", "size", "rank", *(name for name, _, _ in app_module.SD_SCRIPTS_RULES)]
+    for mode in ("rank", *app_module.MODE_FIELDS):
+        for box, update in zip(boxes, app_module.show_rank_mode(mode)):
+            assert "value" not in update, (mode, box)
+            if box != "rank":
+                assert update["visible"] == (box == mode), (mode, box)
+
+
+@pytest.mark.parametrize("mode", ["energy", "sv_ratio", "sv_cumulative", "sv_fro"])
+def test_the_page_passes_on_the_chosen_modes_budget_only_and_never_a_blank_one(app_module, mode):
+    """Hidden boxes keep their defaults: the page's resize uses the chosen mode's budget alone, and a blank one in
+    its own mode is a one-line error, not a resize at the flat rank."""
+    form = {"energy": 0.99, "target_size": "40MB", "sv_ratio": 10.0, "sv_cumulative": 0.9, "sv_fro": 0.9}
+    arguments = {"lora_file": str(EXAMPLE_LORA), "rank": 8, **form}
+    _, report, _ = app_module.resize_for_page(mode, **arguments)
+    assert report["params"] == {"rank": 8, "dtype": "keep", mode: form[mode]}
+    with pytest.raises(lora_ops.LoraError, match=f"give a value for {mode.replace('_', ' ')}, or choose another"):
+        app_module.resize_for_page(mode, **{**arguments, mode: None})
+
+
 def _progress(job, unit: str) -> list[tuple[int, int]]:
     """(done, total) of every `gr.Progress` update in `unit` that reached the client, in order."""
 
@@ -222,6 +245,8 @@ def test_bad_input_gets_one_line_and_the_server_stays_healthy(app_client, app_mo
         ({"sv_ratio": 0.5}, "sv_ratio must be a finite number of at least 1"),
         ({"energy": 0.9, "sv_fro": 0.9}, "give one rank rule at most, not energy, sv_fro"),
         ({"strength": 0}, "strength must be a finite, non-zero number"),
+        ({"strength": 1e308}, "strength must be a finite, non-zero number from 1e-06 to 1e+06 in size"),
+        ({"sv_fro": 0}, "sv_fro must be in (0, 1]"),
     ],
 )
 def test_bad_parameters_are_named_in_one_line_before_anything_is_written(

@@ -28,9 +28,14 @@ def test_good_values_become_the_options_unchanged():
 
 @pytest.mark.parametrize("blank", [None, "", 0, 0.0])
 def test_blank_optional_values_mean_off(blank):
-    rules = {"energy": blank, "sv_ratio": blank, "sv_cumulative": blank, "sv_fro": blank}
-    options = form.resize_options(**{**GOOD, "density": blank, **rules})
-    assert options.density is None and options.rank_rule is None
+    options = form.resize_options(**{**GOOD, "density": blank, "energy": blank})
+    assert options.density is None and options.energy is None
+
+
+@pytest.mark.parametrize("blank", [None, ""])
+def test_a_blank_sd_scripts_rule_is_off(blank):
+    options = form.resize_options(**GOOD, sv_ratio=blank, sv_cumulative=blank, sv_fro=blank)
+    assert options.rank_rule is None
 
 
 @pytest.mark.parametrize(
@@ -71,6 +76,10 @@ def test_a_blank_strength_bakes_nothing_in(blank):
         ("sv_cumulative", 1.5, "sv_cumulative must be in (0, 1]"),
         ("sv_fro", "0.9", "sv_fro must be a number, got '0.9'"),
         ("strength", 0, "strength must be a finite, non-zero number"),
+        ("strength", 1e160, "from 1e-06 to 1e+06 in size (negative flips the delta), not 1e+160"),
+        ("strength", -1e-100, "from 1e-06 to 1e+06 in size"),
+        ("sv_fro", 0, "sv_fro must be in (0, 1]"),
+        ("sv_ratio", 0.0, "sv_ratio must be a finite number of at least 1"),
         ("strength", "abc", "strength must be a number, got 'abc'"),
         ("strength", math.inf, "strength must be a finite number"),
     ],

@@ -124,7 +124,7 @@ def test_the_cli_scale_flag_is_the_strength(tiny_flux_lora_file, tmp_path):
     assert by_cli.read_bytes() == by_api.read_bytes()
 
 
-@pytest.mark.parametrize("strength", [0.0, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("strength", [0.0, math.nan, math.inf, -math.inf, 1e160, -1e-100])
 def test_a_strength_that_is_zero_or_not_finite_is_refused_in_one_line(strength, tiny_flux_lora_file, tmp_path, capsys):
     with pytest.raises(lora_ops.LoraError, match="strength must be a finite, non-zero number"):
         lora_ops.ResizeOptions(rank=4, strength=strength)
