@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -178,7 +179,8 @@ def test_the_page_passes_on_the_chosen_modes_budget_only_and_never_a_blank_one(a
     its own mode is a one-line error, not a resize at the flat rank."""
     form = {"energy": 0.99, "target_size": "40MB", "sv_ratio": 10.0, "sv_cumulative": 0.9, "sv_fro": 0.9}
     arguments = {"lora_file": str(EXAMPLE_LORA), "rank": 8, **form}
-    _, report, _ = app_module.resize_for_page(mode, **arguments)
+    path, report, _ = app_module.resize_for_page(mode, **arguments)
+    shutil.rmtree(Path(path).parent)  # called here, not through gradio: its cache does not know the folder
     assert report["params"] == {"rank": 8, "dtype": "keep", mode: form[mode]}
     with pytest.raises(lora_ops.LoraError, match=f"give a value for {mode.replace('_', ' ')}, or choose another"):
         app_module.resize_for_page(mode, **{**arguments, mode: None})
