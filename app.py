@@ -428,9 +428,9 @@ def load_hub_file(hub_repo: str, hub_file: str | None, oauth_token: gr.OAuthToke
 
 @functools.wraps(resize_lora)
 def resize_for_page(mode: str, *args, **kwargs) -> tuple[str, dict, dict]:
-    """`resize_lora` of the form's values for the ranks `mode` chosen (the other modes' boxes keep their defaults
-    while hidden, and are not passed on; the chosen mode's box must not be blank), and the resized PEFT adapter's new
-    `adapter_config.json` (offered beside the LoRA) when it wrote one."""
+    """`resize_lora` of the form's values for the ranks `mode` chosen (only that mode's budget is passed on, and it
+    must not be blank), and the resized PEFT adapter's new `adapter_config.json` (offered beside the LoRA) when it
+    wrote one."""
     bound = inspect.signature(resize_lora).bind_partial(*args, **kwargs)
     for field_mode, field in MODE_FIELDS.items():
         value = bound.arguments.get(field)
@@ -494,7 +494,7 @@ def show_plot(
     values = dict(zip((name for name, _, _ in SD_SCRIPTS_RULES), sd_scripts_values))
     try:
         chosen = form.whole_number(rank, "rank", 1, lora_ops.options.MAX_RANK)
-        rule_value = form.optional_number(values[mode], mode) if mode in values else None
+        rule_value = form.number_or_none(values[mode], mode) if mode in values else None
     except lora_ops.LoraError as exc:
         return gr.skip(), page_text.error_markdown(str(exc))
     sd_scripts_rule = None if rule_value is None else (mode, rule_value)
@@ -528,14 +528,11 @@ def show_method_controls(method: str) -> tuple:
 
 
 def show_rank_mode(mode: str) -> tuple:
-    """One budget at a time: the box of the chosen mode shown, the others hidden. Updates the energy box, the size
-    box, the rank box and the sd-scripts rules' boxes, in that order. No values: :data:`RESET_BUDGETS_JS` sets
-    those in the browser, at the click."""
+    """One budget at a time: the rank box's label, then the budget boxes (:data:`BUDGET_BOXES`), the chosen mode's
+    shown and the others hidden. No values: :data:`RESET_BUDGETS_JS` sets those in the browser, at the click."""
     return (
-        gr.update(visible=mode == "energy"),
-        gr.update(visible=mode == "size"),
         gr.update(label="rank" if mode == "rank" else "rank (the most any layer gets)"),
-        *(gr.update(visible=mode == name) for name, _, _ in SD_SCRIPTS_RULES),
+        *(gr.update(visible=mode == box) for box in BUDGET_BOXES),
     )
 
 
@@ -1115,9 +1112,7 @@ def _wire(
     resize.rank.change(plots.methods_at_rank, [resize.methods_table, resize.rank], resize.methods_table, **INSTANT)
     budget_boxes = [resize.energy, resize.target_size, *resize.rules.values()]
     resize.mode.change(None, resize.mode, budget_boxes, js=RESET_BUDGETS_JS, **INSTANT)
-    resize.mode.change(
-        show_rank_mode, resize.mode, [resize.energy, resize.target_size, resize.rank, *resize.rules.values()], **INSTANT
-    )
+    resize.mode.change(show_rank_mode, resize.mode, [resize.rank, *budget_boxes], **INSTANT)
     resize.method.change(show_method_controls, resize.method, [resize.niter, resize.density, resize.seed], **INSTANT)
 
     resize.button.click(

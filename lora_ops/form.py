@@ -46,9 +46,9 @@ def optional_number(value: object, name: str) -> float | None:
     return number(value, name)
 
 
-def _number_or_none(value: object, name: str) -> float | None:
-    """A number, or None for None and ``""``; unlike `optional_number`, 0 is a value (the rules that came with the
-    sd-scripts modes refuse it in one line rather than turn off)."""
+def number_or_none(value: object, name: str) -> float | None:
+    """A number, or None for None and ``""``; unlike `optional_number`, 0 is a value (sd-scripts' rank rules and the
+    strength refuse it in one line rather than turn off)."""
     return None if value is None or value == "" else number(value, name)
 
 
@@ -86,7 +86,7 @@ def resize_options(
     for value, name in ((method, "method"), (dtype, "dtype")):
         if not isinstance(value, str):
             raise LoraError(f"{name} must be text, got {value!r}")
-    baked = _number_or_none(strength, "strength")
+    baked = number_or_none(strength, "strength")
     return ResizeOptions(
         rank=whole_number(rank, "rank"),
         method=method,
@@ -94,9 +94,9 @@ def resize_options(
         density=optional_number(density, "density"),
         seed=whole_number(seed, "seed", 0, SEED_LIMIT - 1),
         energy=optional_number(energy, "energy"),
-        sv_ratio=_number_or_none(sv_ratio, "sv_ratio"),
-        sv_cumulative=_number_or_none(sv_cumulative, "sv_cumulative"),
-        sv_fro=_number_or_none(sv_fro, "sv_fro"),
+        sv_ratio=number_or_none(sv_ratio, "sv_ratio"),
+        sv_cumulative=number_or_none(sv_cumulative, "sv_cumulative"),
+        sv_fro=number_or_none(sv_fro, "sv_fro"),
         target_size=optional_size(target_size),
         dtype=dtype,
         strength=1.0 if baked is None else baked,

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lora_ops
+from lora_ops import page_text
 from tests.fixtures_app import EXAMPLE_LORA, GATED_READER_TOKEN, GATED_REPO, LICENSE, PUBLIC_REPO
 from tests.fixtures_lora import CASE_BY_NAME, write_case
 
@@ -165,12 +166,20 @@ def test_sd_scripts_rules_and_a_strength_reach_the_core(app_client, tmp_path, ru
 def test_switching_the_ranks_mode_on_the_server_sends_no_values(app_module):
     """The server only shows and hides the budget boxes: their values are set in the browser at the click
     (`RESET_BUDGETS_JS`, checked in the browser tests), so a value typed while the server's answer travels is kept."""
-    boxes = ["energy", "size", "rank", *(name for name, _, _ in app_module.SD_SCRIPTS_RULES)]
+    boxes = ["rank", "energy", "size", *(name for name, _, _ in app_module.SD_SCRIPTS_RULES)]
     for mode in ("rank", *app_module.MODE_FIELDS):
-        for box, update in zip(boxes, app_module.show_rank_mode(mode)):
+        for box, update in zip(boxes, app_module.show_rank_mode(mode), strict=True):
             assert "value" not in update, (mode, box)
             if box != "rank":
                 assert update["visible"] == (box == mode), (mode, box)
+
+
+def test_the_budget_line_refuses_a_rule_value_of_zero_as_the_resize_does(app_module):
+    report = lora_ops.inspect_file(EXAMPLE_LORA)
+    _, budget = app_module.show_plot(report, None, 8, "sv_fro", None, None, None, 0)
+    assert budget == page_text.escape_markdown("sv_fro must be in (0, 1]")
+    _, budget = app_module.show_plot(report, None, 8, "sv_fro", None, None, None, 0.9)
+    assert "sd-scripts' sv_fro 0.9 picks, capped at 8" in budget
 
 
 @pytest.mark.parametrize("mode", ["energy", "sv_ratio", "sv_cumulative", "sv_fro"])
